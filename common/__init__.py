@@ -1,0 +1,1 @@
+"""Shared kit used by every trainer: run setup, checkpoints, schedules, metrics."""

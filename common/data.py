@@ -1,0 +1,125 @@
+"""Data-order helpers shared by the trainers: a seeded global-batch sampler and seeded data-loader workers.
+
+The order of an epoch depends only on (seed, epoch): the same global batches are formed for any number of
+processes, and a resumed run can start at any batch of an epoch. Each process takes its contiguous slice of
+every global batch.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Iterator, Mapping
+
+import numpy as np
+import torch
+from torch.utils.data import Sampler
+
+
+def epoch_permutation(num_samples: int, seed: int, epoch: int) -> np.ndarray:
+    """The permutation of ``range(num_samples)`` used in ``epoch`` (depends only on seed and epoch)."""
+    return np.random.default_rng([seed, epoch]).permutation(num_samples)
+
+
+class GlobalBatchSampler(Sampler[list[int]]):
+    """Yields this process's slice of each global batch of a seeded per-epoch permutation.
+
+    Args:
+        num_samples: dataset length.
+        global_batch: samples per optimizer micro-step over all processes (divisible by ``world_size``).
+        seed: data-order seed.
+        rank, world_size: this process and the number of processes.
+        shuffle: permute per epoch (else sequential order).
+        drop_last: drop the last incomplete global batch.
+    """
+
+    def __init__(self, num_samples: int, global_batch: int, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 shuffle: bool = True, drop_last: bool = True):
+        if global_batch % world_size:
+            raise ValueError(f"global batch {global_batch} is not divisible by {world_size} processes")
+        if drop_last and num_samples < global_batch:
+            raise ValueError(f"dataset too small: {num_samples} samples for a global batch of {global_batch}")
+        self.num_samples = num_samples
+        self.global_batch = global_batch
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.epoch = 0
+        self.start_batch = 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select the epoch's permutation and skip its first ``start_batch`` global batches (for resuming)."""
+        self.epoch = epoch
+        self.start_batch = start_batch
+
+    def global_batches(self) -> list[np.ndarray]:
+        """All global batches of the current epoch (before skipping)."""
+        if self.shuffle:
+            order = epoch_permutation(self.num_samples, self.seed, self.epoch)
+        else:
+            order = np.arange(self.num_samples)
+        count = self.num_samples // self.global_batch if self.drop_last else -(-self.num_samples // self.global_batch)
+        return [order[i * self.global_batch:(i + 1) * self.global_batch] for i in range(count)]
+
+    def __len__(self) -> int:
+        full = self.num_samples // self.global_batch
+        count = full if self.drop_last else -(-self.num_samples // self.global_batch)
+        return max(count - self.start_batch, 0)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        per_rank = self.global_batch // self.world_size
+        for batch in self.global_batches()[self.start_batch:]:
+            if len(batch) < self.global_batch:
+                share = -(-len(batch) // self.world_size)
+                yield batch[self.rank * share:(self.rank + 1) * share].tolist()
+            else:
+                yield batch[self.rank * per_rank:(self.rank + 1) * per_rank].tolist()
+
+
+class WorkerSeeder:
+    """``worker_init_fn`` seeding every data-loader worker from (seed, rank, epoch, worker id).
+
+    Set :attr:`epoch` before creating each epoch's iterator (workers are started per epoch, so they see it).
+    If the dataset has ``init_worker(worker_id)``, it is called in the worker so datasets that own an RNG can
+    derive it; with 0 workers call :meth:`seed_main_process` instead.
+    """
+
+    def __init__(self, seed: int, rank: int = 0):
+        self.seed = seed
+        self.rank = rank
+        self.epoch = 0
+
+    def seeds(self, worker_id: int) -> list[int]:
+        """The entropy words for this worker."""
+        return [self.seed, self.rank, self.epoch, worker_id]
+
+    def _seed(self, worker_id: int) -> None:
+        words = self.seeds(worker_id)
+        seed32 = int(np.random.SeedSequence(words).generate_state(1)[0])
+        random.seed(seed32)
+        np.random.seed(seed32)
+        torch.manual_seed(seed32)
+
+    def __call__(self, worker_id: int) -> None:
+        self._seed(worker_id)
+        info = torch.utils.data.get_worker_info()
+        dataset = info.dataset if info is not None else None
+        if dataset is not None and hasattr(dataset, "init_worker"):
+            dataset.init_worker(worker_id)
+
+    def seed_main_process(self, dataset=None) -> None:
+        """With ``num_workers=0``: give the dataset its worker-0 RNG for this epoch (global RNGs untouched)."""
+        if dataset is not None and hasattr(dataset, "init_worker"):
+            dataset.init_worker(0)
+
+
+def to_device(batch, device: torch.device, non_blocking: bool = True):
+    """Move tensors in a (nested) batch to ``device``; other values are returned unchanged."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=non_blocking)
+    if isinstance(batch, Mapping):
+        return {key: to_device(value, device, non_blocking) for key, value in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(value, device, non_blocking) for value in batch)
+    return batch

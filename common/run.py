@@ -1,0 +1,174 @@
+"""Run set-up: the Accelerator from a config, seeding, and the run directory's record of what ran.
+
+``mixed_precision`` is ``"no"``, ``"bf16"``, ``"fp16"`` or ``"launch"`` (defer to ``accelerate launch
+--mixed_precision``). fp16 without an accelerator is downgraded to ``"no"`` with a warning: Accelerate creates
+no GradScaler on the CPU, and fp16 autocast there would silently run unscaled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from common.checkpoint import atomic_write_json
+
+
+@dataclasses.dataclass(frozen=True)
+class AcceleratorSettings:
+    """What :func:`make_accelerator` needs from a trainer's config."""
+
+    mixed_precision: str = "no"
+    gradient_accumulation_steps: int = 1
+    find_unused_parameters: bool = False
+    cpu: bool = False
+    log_with_tensorboard: bool = True
+
+
+def resolve_precision(requested: str, warn: Callable[[str], None]) -> str:
+    """The precision to use: ``launch`` defers to the launcher; fp16 without CUDA becomes ``no`` with a warning."""
+    if requested == "launch":
+        requested = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if requested not in ("no", "bf16", "fp16"):
+        raise ValueError(f"mixed precision must be no, bf16, fp16 or launch, not {requested!r}")
+    if requested == "fp16" and not torch.cuda.is_available():
+        warn("fp16 mixed precision needs a GPU (Accelerate has no loss scaler on the CPU); training in fp32 ('no')")
+        return "no"
+    return requested
+
+
+def make_accelerator(settings: AcceleratorSettings, project_dir: str | Path | None = None,
+                     warn: Callable[[str], None] = print):
+    """Build the Accelerator (DDP options, precision, accumulation, TensorBoard logging under ``project_dir``)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
+
+    precision = resolve_precision(settings.mixed_precision, warn)
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=settings.find_unused_parameters)]
+    log_with = None
+    project_config = None
+    if settings.log_with_tensorboard and project_dir is not None:
+        log_with = "tensorboard"
+        project_config = ProjectConfiguration(project_dir=str(project_dir), logging_dir=str(project_dir))
+    return Accelerator(
+        mixed_precision=precision,
+        gradient_accumulation_steps=settings.gradient_accumulation_steps,
+        kwargs_handlers=handlers,
+        cpu=settings.cpu or not torch.cuda.is_available(),
+        log_with=log_with,
+        project_config=project_config,
+    )
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices) identically on every process."""
+    from accelerate.utils import set_seed
+
+    set_seed(seed)
+
+
+def git_revision(path: str | Path = ".") -> str:
+    """The project's git commit (with ``+dirty`` when the tree has changes), or ``unknown``."""
+    try:
+        root = Path(__file__).resolve().parent.parent
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+        if commit.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, timeout=5)
+        return commit.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def environment_info() -> dict:
+    """Versions and hardware of this process (for the run directory)."""
+    import accelerate
+    import numpy
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "accelerate": accelerate.__version__,
+        "numpy": numpy.__version__,
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "cuda": torch.version.cuda,
+        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+        "git": git_revision(),
+    }
+    return info
+
+
+def config_to_dict(config: Any) -> Any:
+    """A (nested) dataclass config as JSON-ready plain values."""
+    if dataclasses.is_dataclass(config):
+        return {f.name: config_to_dict(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    if isinstance(config, (list, tuple)):
+        return [config_to_dict(item) for item in config]
+    if isinstance(config, dict):
+        return {str(k): config_to_dict(v) for k, v in config.items()}
+    if isinstance(config, Path):
+        return str(config)
+    return config
+
+
+def write_run_record(run_dir: str | Path, script: str, config: Any, argv: list[str],
+                     resume_args: list[str], extra: dict | None = None) -> dict:
+    """Write ``config.json`` (resolved config) and ``run.json`` (script, argv, how to resume, environment).
+
+    ``resume_args`` is what the script's command line needs to resume, with ``{checkpoint}`` standing for the
+    checkpoint path (e.g. ``["--resume", "{checkpoint}"]``); ``resume_training.py`` reads it.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(run_dir / "config.json", config_to_dict(config))
+    record = {
+        "script": script,
+        "argv": list(argv),
+        "resume_args": list(resume_args),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "environment": environment_info(),
+    }
+    if extra:
+        record.update(extra)
+    atomic_write_json(run_dir / "run.json", record)
+    return record
+
+
+def read_run_record(run_dir: str | Path) -> dict | None:
+    """The ``run.json`` of a run directory (None if absent)."""
+    path = Path(run_dir) / "run.json"
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+def exit_on_user_error(main: Callable[[], int | None]) -> int:
+    """Run ``main``; a user-facing error (bad data, refused or corrupt checkpoint, non-finite training) becomes
+    one clear ``error:`` line on stderr and exit code 2 instead of a traceback."""
+    from common.checkpoint import CheckpointError, ResumeRefused
+    from common.errors import DataError
+    from common.step import NonFiniteLossError
+
+    try:
+        return int(main() or 0)
+    except (CheckpointError, ResumeRefused, DataError, NonFiniteLossError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
