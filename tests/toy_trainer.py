@@ -184,7 +184,7 @@ def main(cfg: ToyConfig) -> int:
             console.print(f"resumed from {path} at micro-step {micro}, optimizer step {step}")
 
     if accelerator.is_main_process:
-        write_run_record(run_dir, SCRIPT, cfg, sys.argv[1:], ["--resume", "{checkpoint}"])
+        write_run_record(run_dir, "tests/toy_trainer.py", cfg, sys.argv[1:], ["--resume", "{checkpoint}"])
 
     def save(path_number: int) -> Path | None:
         series.flush(accelerator)
