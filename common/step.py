@@ -38,6 +38,14 @@ class StepResult:
     grad_norm: torch.Tensor | None
 
 
+def total_grad_norm(parameters, device) -> torch.Tensor:
+    """L2 norm of all gradients (a device tensor; no clipping, no host synchronisation)."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.zeros((), device=device)
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+
+
 class OptimStep:
     """Backward, accumulate, clip, step, zero, with non-finite protection.
 
@@ -66,11 +74,12 @@ class OptimStep:
         self.accelerator.backward(loss)
         if not self.accelerator.sync_gradients:
             return StepResult(synced=False, applied=False, grad_norm=None)
-        max_norm = self.max_grad_norm if self.max_grad_norm is not None else math.inf
-        grad_norm = self.accelerator.clip_grad_norm_(self.parameters, max_norm)
-        if grad_norm is None:
-            grad_norm = torch.zeros((), device=self.accelerator.device)
         scaler = self.accelerator.scaler
+        if self.max_grad_norm is None and scaler is None:
+            grad_norm = total_grad_norm(self.parameters, self.accelerator.device)
+        else:
+            max_norm = self.max_grad_norm if self.max_grad_norm is not None else math.inf
+            grad_norm = self.accelerator.clip_grad_norm_(self.parameters, max_norm)
         if scaler is not None:
             # fp16: the scaler skips overflow steps itself and lowers the scale; it must see every step.
             self.optimizer.step()
