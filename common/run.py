@@ -172,3 +172,9 @@ def exit_on_user_error(main: Callable[[], int | None]) -> int:
     except (CheckpointError, ResumeRefused, DataError, NonFiniteLossError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+
+
+def check_amp_invariant(accelerator) -> None:
+    """fp16 on an accelerator must have Accelerate's GradScaler (checked at start and after each stage switch)."""
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type != "cpu" and accelerator.scaler is None:
+        raise RuntimeError("fp16 training without a loss scaler: the Accelerator lost its GradScaler")
