@@ -109,12 +109,17 @@ def main() -> None:
     parser.add_argument("--write", action="store_true", help="append the result to BENCHMARKS.md")
     args = parser.parse_args()
     torch.use_deterministic_algorithms(True)
+    raw_loop(10)  # warm-up: first-touch allocations and kernel selection, not counted
+    kit_loop(10)
     raw_times, kit_times = [], []
-    for _ in range(args.repeats):  # interleaved, so background load affects both alike
-        raw_model, times = raw_loop(args.steps)
-        raw_times += times[5:]
-        kit_model, times = kit_loop(args.steps)
-        kit_times += times[5:]
+    for repeat in range(args.repeats):  # interleaved in alternating order, so load and drift affect both alike
+        order = (raw_loop, kit_loop) if repeat % 2 == 0 else (kit_loop, raw_loop)
+        for loop in order:
+            model, times = loop(args.steps)
+            if loop is raw_loop:
+                raw_model, raw_times = model, raw_times + times[5:]
+            else:
+                kit_model, kit_times = model, kit_times + times[5:]
     equal = all(torch.equal(a, b) for a, b in zip(raw_model.state_dict().values(), kit_model.state_dict().values()))
     raw_median, kit_median = statistics.median(raw_times), statistics.median(kit_times)
     ratio = kit_median / raw_median
