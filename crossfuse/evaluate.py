@@ -1,0 +1,327 @@
+"""Fusion of held-out pairs, their metrics and the demo's quality checks (spec §7.1-7.2, §9 checks 16-17).
+
+- Weights come from a run folder (`end_to_end/` or `transfuse/`, epoch `last` or a number) or from three explicit
+  `.model` files; the fusion network is built from its file's keys (temperature or not).
+- Images are fused at full resolution, never resized. A colour VIS image is fused on its BT.601 luma and
+  recombined with its own Cr/Cb; colour and gray results are written.
+- Metrics (`common.fusion_metrics.evaluate_triplet`) score the saved uint8 gray F against A = IR and B = VIS luma,
+  into `<run>/eval/<dataset>/metrics.{csv,json}`; the averaging baseline rint((A+B)/2) into `metrics_average.*`.
+- When the test folder has the demo's `masks/` (targets, texture), `demo_report.json` records check 16: Qabf above
+  averaging, VIS texture kept (high-pass amplitude and correlation), IR targets standing out from their ring.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+
+from common.checkpoint import atomic_write_json
+from common.console import RunConsole
+from common.errors import DataError
+from common.fusion_metrics import FusionMetricConfig, evaluate_triplet, qabf, resolve_metrics, summarize, write_results
+from common.images import read_image, rgb_to_gray, rgb_to_ycrcb, to_gray, ycrcb_to_rgb
+from common.ivif_data import FilePair, discover_file_pairs
+from crossfuse.config import CrossFuseConfig
+from crossfuse.inference import fuse_images, quantize
+from crossfuse.training import LAYOUTS, experiment_dir, model_epochs, model_paths
+from crossfuse.weights import autoencoder_from_file, fusion_net_from_file
+
+QABF_MARGIN = 0.03
+TEXTURE_STD_RATIO_MIN = 0.8
+TEXTURE_CORR_MIN = 0.8
+TARGET_CONTRAST_MIN = 1.5
+HIGH_PASS_SIGMA = 2.0
+RING_PIXELS = (1, 4)
+
+
+class EvaluationError(Exception):
+    """Weights for evaluation cannot be found; the message says which flag to set."""
+
+
+@dataclass(frozen=True)
+class FusionWeights:
+    """The three `.model` files of a fusion, the output tag, the folder receiving `eval/`, and the model options."""
+
+    ae_ir: Path
+    ae_vi: Path
+    fusion: Path
+    tag: str
+    run_dir: Path
+    epoch: int | None
+    shift: bool
+    deep_weight: str
+
+    def describe(self) -> dict:
+        """Paths and SHA-256 of the weight files (for metrics.json)."""
+        return {name: {"path": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+                for name, path in (("ae_ir", self.ae_ir), ("ae_vi", self.ae_vi), ("fusion", self.fusion))}
+
+
+def find_weights(cfg: CrossFuseConfig, run_dir: Path | None = None) -> FusionWeights:
+    """The weights to evaluate: `--eval.ae-ir/ae-vi/fusion`, else `--eval.run` (or `run_dir`, or the approach's run
+    folder) at `--eval.epoch`."""
+    if cfg.eval.fusion is not None:
+        for path in (cfg.eval.ae_ir, cfg.eval.ae_vi, cfg.eval.fusion):
+            if not Path(path).is_file():
+                raise EvaluationError(f"weight file {path} not found")
+        tag = "end_to_end" if cfg.eval.fusion.name.startswith("end_to_end") else "transfuse"
+        return FusionWeights(cfg.eval.ae_ir, cfg.eval.ae_vi, cfg.eval.fusion, tag, cfg.eval.fusion.parent, None,
+                             cfg.model.shift, cfg.model.deep_weight)
+    default_kind = "end-to-end" if cfg.approach == "end-to-end" else "fusion"
+    run = cfg.eval.run or run_dir or experiment_dir(cfg) / LAYOUTS[default_kind].folder
+    info_path = run / "run_info.json"
+    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    model = info.get("model", {})
+    shift, deep_weight = model.get("shift", cfg.model.shift), model.get("deep_weight", cfg.model.deep_weight)
+    for kind, tag in (("end-to-end", "end_to_end"), ("fusion", "transfuse")):
+        epochs = model_epochs(run, kind)
+        if not epochs:
+            continue
+        epoch = epochs[-1] if cfg.eval.epoch == "last" else int(cfg.eval.epoch)
+        if epoch not in epochs:
+            raise EvaluationError(f"{run} has no epoch-{epoch} weights (epochs {epochs[0]}..{epochs[-1]} exist)")
+        paths = model_paths(run, kind, epoch)
+        if kind == "end-to-end":
+            return FusionWeights(paths["ir_encoder"], paths["vi_encoder"], paths["fusion"], tag, run, epoch,
+                                 shift, deep_weight)
+        encoders = info.get("encoders") or {}
+        if not all(encoders.get(m) for m in ("ir", "vi")):
+            raise EvaluationError(f"{info_path} does not name the stage-1 encoders of this fusion run; pass "
+                                  "--eval.ae-ir, --eval.ae-vi and --eval.fusion")
+        return FusionWeights(Path(encoders["ir"]["path"]), Path(encoders["vi"]["path"]), paths["fusion"], tag, run,
+                             epoch, shift, deep_weight)
+    raise EvaluationError(f"no end_to_end_*_epoch_<e>.model or fusetrans_epoch_<e>.model files in {run}: train first, "
+                          "or point --eval.run at a run folder (or give --eval.ae-ir/--eval.ae-vi/--eval.fusion)")
+
+
+@dataclass
+class FusedPair:
+    """One fused test pair: uint8 gray IR, VIS luma and fused image, and the colour result for colour VIS."""
+
+    name: str
+    ir: np.ndarray
+    vi: np.ndarray
+    fused: np.ndarray
+    colour: np.ndarray | None
+
+
+def read_test_pair(pair: FilePair) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """IR gray, VIS luma (rint BT.601) and the VIS RGB image (None when gray) of a test pair, never resized."""
+    ir = to_gray(read_image(pair.ir))
+    vi_raw = read_image(pair.vi)
+    vi = rgb_to_gray(vi_raw) if vi_raw.ndim == 3 else vi_raw
+    if ir.shape != vi.shape:
+        raise DataError(f"IR and VIS sizes differ for {pair.names()}: {ir.shape[1]}x{ir.shape[0]} vs "
+                        f"{vi.shape[1]}x{vi.shape[0]} (W x H); test pairs must be registered images")
+    return ir, vi, (vi_raw if vi_raw.ndim == 3 else None)
+
+
+def recolour(fused: np.ndarray, vi_rgb: np.ndarray) -> np.ndarray:
+    """Fused luma recombined with the VIS chroma (BT.601 full range YCrCb), as uint8 RGB."""
+    ycrcb = rgb_to_ycrcb(vi_rgb)
+    ycrcb[..., 0] = fused.astype(np.float64)
+    return np.clip(np.rint(ycrcb_to_rgb(ycrcb)), 0, 255).astype(np.uint8)
+
+
+def fuse_folder(cfg: CrossFuseConfig, weights: FusionWeights, device, console: RunConsole) -> list[FusedPair]:
+    """Fuse every pair of `--eval.root` with `weights` and write `results_<tag>_<stem>.png` (and `gray/` copies for
+    colour VIS) under `--eval.out/<dataset>/`."""
+    pairs = discover_file_pairs(cfg.eval.root, "auto")
+    ae_ir, ae_vi = autoencoder_from_file(weights.ae_ir), autoencoder_from_file(weights.ae_vi)
+    fusion = fusion_net_from_file(weights.fusion, shift=weights.shift, deep_weight=weights.deep_weight,
+                                  window_batch=cfg.model.window_batch)
+    for module in (ae_ir, ae_vi, fusion):
+        module.to(device)
+    images = [read_test_pair(pair) for pair in pairs]
+    fused = fuse_images(ae_ir, ae_vi, fusion, [(ir, vi) for ir, vi, _ in images], cfg.eval.batch)
+    out = output_folder(cfg, weights)
+    results = []
+    for pair, (ir, vi, vi_rgb), image in zip(pairs, images, fused):
+        gray = quantize(image, cfg.eval.quantize)
+        name = Path(pair.key).name
+        colour = recolour(gray, vi_rgb) if vi_rgb is not None else None
+        file_name = f"results_{weights.tag}_{name}.png"
+        if colour is not None:
+            (out / "gray").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(colour).save(out / file_name)
+            Image.fromarray(gray).save(out / "gray" / file_name)
+        else:
+            out.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(gray).save(out / file_name)
+        results.append(FusedPair(name, ir, vi, gray, colour))
+    console.print(f"fused {len(results)} pairs of {cfg.eval.root} with {weights.fusion.name} -> {out}")
+    return results
+
+
+SPLIT_NAMES = ("train", "val", "valid", "test")
+
+
+def dataset_name(cfg: CrossFuseConfig) -> str:
+    """`--eval.name`, else the test folder's name, prefixed by its parent's for split folders (`ivif_demo_test`)."""
+    if cfg.eval.name:
+        return cfg.eval.name
+    root = Path(cfg.eval.root).resolve()
+    return f"{root.parent.name}_{root.name}" if root.name.lower() in SPLIT_NAMES else root.name
+
+
+def output_folder(cfg: CrossFuseConfig, weights: FusionWeights) -> Path:
+    """`<out>/<dataset>` with `<out>` = `--eval.out` or `output/[<run-name>/]<tag>`."""
+    root = cfg.eval.out or Path("output") / cfg.run_name / weights.tag
+    return root / dataset_name(cfg)
+
+
+def average_fusion(ir: np.ndarray, vi: np.ndarray) -> np.ndarray:
+    """The averaging baseline rint((A + B) / 2) as uint8."""
+    return np.clip(np.rint((ir.astype(np.float64) + vi.astype(np.float64)) / 2.0), 0, 255).astype(np.uint8)
+
+
+def score(images: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]], metrics) -> dict[str, dict[str, float]]:
+    """Metrics of each (name, F, A, B) triplet, by name."""
+    return {name: evaluate_triplet(fused, ir, vi, FusionMetricConfig(), metrics) for name, fused, ir, vi in images}
+
+
+def high_pass(image: np.ndarray) -> np.ndarray:
+    """x - blur_sigma2(x) in float64 (check 16's texture measure)."""
+    image = np.asarray(image, dtype=np.float64)
+    return image - ndimage.gaussian_filter(image, HIGH_PASS_SIGMA)
+
+
+def ring_mask(targets: np.ndarray) -> np.ndarray:
+    """Pixels 1 to 4 px (Euclidean) outside the target mask."""
+    distance = ndimage.distance_transform_edt(~targets)
+    return (distance >= RING_PIXELS[0]) & (distance <= RING_PIXELS[1])
+
+
+def image_quality(fused: np.ndarray, vi: np.ndarray, targets: np.ndarray, texture: np.ndarray) -> dict[str, float]:
+    """Check-16 measures of one image: VIS texture std ratio and correlation of the high-passes inside the texture
+    mask, and the target contrast (mean F on targets - mean F on their ring) / std(F)."""
+    fused = np.asarray(fused, dtype=np.float64)
+    values = {"texture_std_ratio": math.nan, "texture_corr": math.nan, "target_contrast": math.nan}
+    if texture.any():
+        hp_fused, hp_vi = high_pass(fused)[texture], high_pass(vi)[texture]
+        values["texture_std_ratio"] = float(hp_fused.std() / hp_vi.std())
+        values["texture_corr"] = float(np.corrcoef(hp_fused, hp_vi)[0, 1])
+    ring = ring_mask(targets)
+    if targets.any() and ring.any():
+        values["target_contrast"] = float((fused[targets].mean() - fused[ring].mean()) / fused.std())
+    return values
+
+
+def read_masks(masks_dir: Path, name: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """The demo's target and texture masks of test image `name`, or None when absent."""
+    targets, texture = masks_dir / f"{name}_targets.png", masks_dir / f"{name}_texture.png"
+    if not (targets.is_file() and texture.is_file()):
+        return None
+    return read_image(targets) > 127, read_image(texture) > 127
+
+
+def quality_report(pairs: list[FusedPair], masks_dir: Path) -> dict | None:
+    """Check 16 over the test split (means over images), for F and for the averaging baseline; None without masks."""
+    per_image = {}
+    for pair in pairs:
+        masks = read_masks(masks_dir, pair.name)
+        if masks is None:
+            return None
+        average = average_fusion(pair.ir, pair.vi)
+        per_image[pair.name] = {
+            "fused": {"qabf": qabf(pair.fused, pair.ir, pair.vi), **image_quality(pair.fused, pair.vi, *masks)},
+            "average": {"qabf": qabf(average, pair.ir, pair.vi), **image_quality(average, pair.vi, *masks)},
+        }
+
+    def mean(source: str, key: str) -> float:
+        return float(np.nanmean([values[source][key] for values in per_image.values()]))
+
+    qabf_fused, qabf_average = mean("fused", "qabf"), mean("average", "qabf")
+    checks = {
+        "qabf": {"fused": qabf_fused, "average": qabf_average, "required": qabf_average + QABF_MARGIN,
+                 "passed": qabf_fused >= qabf_average + QABF_MARGIN},
+        "texture_std_ratio": {"fused": mean("fused", "texture_std_ratio"),
+                              "average": mean("average", "texture_std_ratio"), "required": TEXTURE_STD_RATIO_MIN},
+        "texture_corr": {"fused": mean("fused", "texture_corr"), "average": mean("average", "texture_corr"),
+                         "required": TEXTURE_CORR_MIN},
+        "target_contrast": {"fused": mean("fused", "target_contrast"), "average": mean("average", "target_contrast"),
+                            "required": TARGET_CONTRAST_MIN},
+    }
+    for key in ("texture_std_ratio", "texture_corr", "target_contrast"):
+        checks[key]["passed"] = bool(checks[key]["fused"] >= checks[key]["required"])
+    checks["qabf"]["passed"] = bool(checks["qabf"]["passed"])
+    return {"checks": checks, "passed": all(check["passed"] for check in checks.values()), "per_image": per_image}
+
+
+def beats_average(fused_means: dict, average_means: dict) -> dict:
+    """Whether F beats averaging on Qabf, SSIM (sum) and VIF, and on at least 2 of them (recorded, not gated)."""
+    wins = {metric: bool(fused_means.get(metric) is not None and average_means.get(metric) is not None
+                         and fused_means[metric] > average_means[metric]) for metric in ("Qabf", "SSIM", "VIF")}
+    return {**wins, "at_least_2_of_3": sum(wins.values()) >= 2}
+
+
+def evaluation_current(cfg: CrossFuseConfig, weights: FusionWeights) -> bool:
+    """Whether `eval/<dataset>/metrics.json` already scores exactly these weight files (by SHA-256)."""
+    path = weights.run_dir / "eval" / dataset_name(cfg) / "metrics.json"
+    return path.is_file() and json.loads(path.read_text()).get("weights") == weights.describe()
+
+
+def evaluate(cfg: CrossFuseConfig, weights: FusionWeights, device, console: RunConsole, with_metrics: bool = True,
+             started: float | None = None) -> dict:
+    """Fuse `--eval.root` and, with `with_metrics`, score it (and the baseline); returns the summary written."""
+    pairs = fuse_folder(cfg, weights, device, console)
+    if not with_metrics:
+        return {"fused": len(pairs)}
+    metrics = resolve_metrics(cfg.eval.metrics or None)
+    eval_dir = weights.run_dir / "eval" / dataset_name(cfg)
+    fused_rows = score([(p.name, p.fused, p.ir, p.vi) for p in pairs], metrics)
+    masks_dir = Path(cfg.eval.root) / "masks"
+    want_average = cfg.eval.baseline == "average" or masks_dir.is_dir()
+    average_rows = {}
+    if want_average:
+        average_rows = score([(p.name, average_fusion(p.ir, p.vi), p.ir, p.vi) for p in pairs], metrics)
+    extra = {"tag": weights.tag, "epoch": weights.epoch, "weights": weights.describe(), "quantize": cfg.eval.quantize,
+             "dataset": str(cfg.eval.root)}
+    if average_rows:
+        extra["beats_average"] = beats_average(summarize(fused_rows, metrics)[0], summarize(average_rows, metrics)[0])
+    summary = write_results(eval_dir / "metrics.csv", fused_rows, FusionMetricConfig(), metrics, extra=extra)
+    console.print(f"metrics of {len(pairs)} pairs: {eval_dir / 'metrics.csv'}")
+    result = {"fused": summary}
+    if cfg.eval.baseline == "average":
+        result["average"] = write_results(eval_dir / "metrics_average.csv", average_rows, FusionMetricConfig(), metrics,
+                                          extra={"baseline": "rint((A+B)/2)", "dataset": str(cfg.eval.root)})
+    print_comparison(console, summary["means"], result.get("average", {}).get("means"), metrics)
+    report = quality_report(pairs, masks_dir) if masks_dir.is_dir() else None
+    if report is not None:
+        report = {"seed": cfg.seed, "preset": cfg.preset, "approach": cfg.approach, "weights": extra["weights"],
+                  "wall_seconds": (time.perf_counter() - started) if started is not None else None,
+                  **report, "metrics": {"fused": summary["means"],
+                                        "average": write_means(average_rows, metrics)}}
+        atomic_write_json(weights.run_dir / "demo_report.json", report)
+        for name, check in report["checks"].items():
+            console.print(f"check 16 {name}: fused {check['fused']:.4f} (average {check['average']:.4f}), "
+                          f"required {check['required']:.4f}: {'pass' if check['passed'] else 'FAIL'}")
+        verdict = "passed" if report["passed"] else "FAILED"
+        console.print(f"demo quality {verdict}: {weights.run_dir / 'demo_report.json'}")
+        result["report"] = report
+    return result
+
+
+def write_means(rows: dict, metrics) -> dict:
+    """Per-metric means (NaN skipped) as JSON-ready numbers."""
+    means, _ = summarize(rows, metrics)
+    return {name: (None if math.isnan(value) else value) for name, value in means.items()}
+
+
+def print_comparison(console: RunConsole, fused: dict, average: dict | None, metrics) -> None:
+    """One line per metric: fused mean, and the averaging baseline's when scored."""
+    for metric in metrics:
+        value = fused.get(metric)
+        line = f"  {metric:<10} {value if value is None else f'{value:.4f}'}"
+        if average is not None:
+            base = average.get(metric)
+            line += f"   average {base if base is None else f'{base:.4f}'}"
+        console.print(line)
