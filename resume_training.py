@@ -29,9 +29,13 @@ FRED_STAGES = ("auto", "freeze", "unfreeze")
 USAGE = __doc__
 
 
-def find_latest_checkpoint(run_dir: str | Path, stage: str | None = None) -> tuple[int, Path] | None:
-    """``(N, path)`` of the newest checkpoint of ``stage`` under ``run_dir`` by parsed number (never by time)."""
-    found = list_checkpoints(run_dir, stage)
+def find_latest_checkpoint(run_dir: str | Path, stage: str | None = None,
+                           recursive: bool = False) -> tuple[int, Path] | None:
+    """``(N, path)`` of the newest checkpoint of ``stage`` in ``run_dir`` by parsed number (never by time).
+
+    Only files directly in ``run_dir`` unless ``recursive`` (FRED's ``quick_test/`` sub-run is not a candidate).
+    """
+    found = list_checkpoints(run_dir, stage, recursive)
     return found[-1] if found else None
 
 
@@ -139,7 +143,7 @@ def main(argv: list[str]) -> int:
         if not run_dir.is_dir():
             print(f"error: run directory {run_dir} does not exist", file=sys.stderr)
             return 2
-        found = find_latest_checkpoint(run_dir, stage)
+        found = find_latest_checkpoint(run_dir, stage, recursive=True)
         if found is None:
             print(f"error: no {'' if stage is None else stage + ' '}checkpoint under {run_dir}", file=sys.stderr)
             print_found(run_dir)

@@ -28,13 +28,17 @@ def parse_checkpoint_name(name: str) -> tuple[str, int] | None:
     return match["stage"], int(match["n"])
 
 
-def list_checkpoints(run_dir: str | Path, stage: str | None = None) -> list[tuple[int, Path]]:
-    """All checkpoints under ``run_dir`` (recursively) of ``stage`` (any if None), sorted by number."""
+def list_checkpoints(run_dir: str | Path, stage: str | None = None, recursive: bool = True) -> list[tuple[int, Path]]:
+    """All checkpoints under ``run_dir`` of ``stage`` (any if None), sorted by number.
+
+    ``recursive=False`` looks only at files directly in ``run_dir`` (FRED keeps a ``quick_test/`` sub-run with
+    the same file names beside its real checkpoints).
+    """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return []
     found = []
-    for path in run_dir.rglob("*.pth"):
+    for path in (run_dir.rglob("*.pth") if recursive else run_dir.glob("*.pth")):
         parsed = parse_checkpoint_name(path.name)
         if parsed is None or (stage is not None and parsed[0] != stage):
             continue
@@ -43,7 +47,7 @@ def list_checkpoints(run_dir: str | Path, stage: str | None = None) -> list[tupl
     return found
 
 
-def find_latest(run_dir: str | Path, stage: str | None = None) -> Path | None:
+def find_latest(run_dir: str | Path, stage: str | None = None, recursive: bool = True) -> Path | None:
     """The checkpoint with the highest parsed number under ``run_dir`` for ``stage`` (any stage if None)."""
-    found = list_checkpoints(run_dir, stage)
+    found = list_checkpoints(run_dir, stage, recursive)
     return found[-1][1] if found else None

@@ -19,6 +19,11 @@ class ModelEMA:
 
     def __init__(self, model: nn.Module, decay: float = 0.9999, tau: float | None = 2000.0, updates: int = 0):
         self.module = copy.deepcopy(model).eval().float()
+        if "forward" in vars(self.module):
+            # A model passed after accelerator.prepare carries an autocast-wrapped forward on the instance;
+            # the EMA copy runs the class's own forward (callers choose autocast explicitly).
+            del self.module.forward
+            vars(self.module).pop("_original_forward", None)
         for parameter in self.module.parameters():
             parameter.requires_grad_(False)
         self.decay = decay

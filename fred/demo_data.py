@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 META_NAME = "demo_meta.json"
 FPS = 30.0
 RGB_FRAME_PERIOD = 0.033333
