@@ -189,12 +189,12 @@ def test_persistent_nonfinite_loss_stops_with_a_clear_message(tmp_path):
 
 
 def test_no_project_code_creates_a_grad_scaler():
-    offenders = []
-    for path in ROOT.rglob("*.py"):
-        if ".venv" in path.parts or path.name == Path(__file__).name:
-            continue
-        if "GradScaler(" in path.read_text(encoding="utf-8", errors="ignore"):
-            offenders.append(str(path))
+    """Accelerate owns the scaler (spec: no project code creates, stores or passes one), FRED included."""
+    needle = "GradScaler" + "("
+    project = [*ROOT.glob("*.py"), *[p for d in ("common", "crossfuse", "fred", "bench", "tests")
+                                      for p in (ROOT / d).rglob("*.py")]]
+    assert len(project) > 40
+    offenders = [str(p) for p in project if needle in p.read_text(encoding="utf-8", errors="ignore")]
     assert offenders == []
 
 
