@@ -120,12 +120,7 @@ def main(cfg: CrossFuseConfig, notices: Sequence[str] = (), argv: list[str] | No
 
 def cli(argv: list[str] | None = None) -> int:
     """Parse the command line and run; bad input becomes one `error:` line and exit code 2."""
-    try:
-        cfg, notices = load_config(argv)
-        return exit_on_user_error(lambda: main(cfg, notices, argv))
-    except USER_ERRORS as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    return exit_on_user_error(lambda: main(*load_config(argv), argv), extra=USER_ERRORS)
 
 
 if __name__ == "__main__":

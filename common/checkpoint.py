@@ -131,6 +131,15 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return state
 
 
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 (hex) of a file's bytes, read in 1 MiB blocks (weights, data lists, recorded in run files)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def trainable_fingerprint(names: Iterable[str]) -> str:
     """SHA-256 of the sorted trainable parameter names (recorded in checkpoints, checked on resume)."""
     digest = hashlib.sha256("\n".join(sorted(names)).encode("utf-8"))

@@ -160,16 +160,16 @@ def read_run_record(run_dir: str | Path) -> dict | None:
     return json.loads(path.read_text())
 
 
-def exit_on_user_error(main: Callable[[], int | None]) -> int:
-    """Run ``main``; a user-facing error (bad data, refused or corrupt checkpoint, non-finite training) becomes
-    one clear ``error:`` line on stderr and exit code 2 instead of a traceback."""
+def exit_on_user_error(main: Callable[[], int | None], extra: tuple[type[BaseException], ...] = ()) -> int:
+    """Run ``main``; a user-facing error (bad data, refused or corrupt checkpoint, non-finite training, or one of
+    a trainer's ``extra`` types) becomes one clear ``error:`` line on stderr and exit code 2, not a traceback."""
     from common.checkpoint import CheckpointError, ResumeRefused
     from common.errors import DataError
     from common.step import NonFiniteLossError
 
     try:
         return int(main() or 0)
-    except (CheckpointError, ResumeRefused, DataError, NonFiniteLossError, FileNotFoundError) as error:
+    except (CheckpointError, ResumeRefused, DataError, NonFiniteLossError, FileNotFoundError, *extra) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

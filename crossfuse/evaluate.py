@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -23,7 +22,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from common.checkpoint import atomic_write_json
+from common.checkpoint import atomic_write_json, file_sha256
 from common.console import RunConsole
 from common.errors import DataError
 from common.fusion_metrics import FusionMetricConfig, evaluate_triplet, qabf, resolve_metrics, summarize, write_results
@@ -61,7 +60,7 @@ class FusionWeights:
 
     def describe(self) -> dict:
         """Paths and SHA-256 of the weight files (for metrics.json)."""
-        return {name: {"path": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+        return {name: {"path": str(path), "sha256": file_sha256(path)}
                 for name, path in (("ae_ir", self.ae_ir), ("ae_vi", self.ae_vi), ("fusion", self.fusion))}
 
 

@@ -135,15 +135,6 @@ def model_epochs(folder: Path, kind: RunKind) -> list[int]:
     return sorted(epochs)
 
 
-def file_sha256(path: Path) -> str:
-    """SHA-256 (hex) of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 @dataclass(frozen=True)
 class StageSettings:
     """Hyper-parameters of one kind: stage 1 reads `--ae.*`, the fusion kinds the top-level flags."""
@@ -300,7 +291,7 @@ class StageRun:
             model = {"learnable_temperature": cfg.learnable_temperature, "shift": cfg.model.shift,
                      "deep_weight": cfg.model.deep_weight}
         if self.kind == "fusion":
-            model["encoders"] = {modality: (file_sha256(path) if path is not None else "random")
+            model["encoders"] = {modality: (ckpt.file_sha256(path) if path is not None else "random")
                                  for modality, path in self.encoder_files.items()}
         order = {"seed": cfg.seed, "data_sha256": self.data_sha256, "global_batch": self.settings.batch,
                  "height": cfg.height, "width": cfg.width, "hflip": cfg.data.hflip}
@@ -508,7 +499,7 @@ class StageRun:
                             for key, value in dataclasses.asdict(cfg.init).items()}
         if self.kind == "fusion":
             ae_folder = experiment_dir(cfg) / "autoencoder"
-            info["encoders"] = {m: ({"path": str(p), "sha256": file_sha256(p)} if p is not None else None)
+            info["encoders"] = {m: ({"path": str(p), "sha256": ckpt.file_sha256(p)} if p is not None else None)
                                 for m, p in self.encoder_files.items()}
             stage_one = {}
             for modality in ("ir", "vi"):

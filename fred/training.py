@@ -14,7 +14,6 @@ import dataclasses
 import functools
 import json
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,14 +64,7 @@ USER_ERRORS = (FredDataError, WeightsError, DemoDataError, RunDirectoryInUse, Co
 def exit_on_fred_error(main: Callable[[], int | None]) -> int:
     """:func:`common.run.exit_on_user_error` plus FRED's own input errors: one ``error:`` line, exit code 2."""
 
-    def guarded() -> int | None:
-        try:
-            return main()
-        except USER_ERRORS as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
-
-    return exit_on_user_error(guarded)
+    return exit_on_user_error(main, extra=USER_ERRORS)
 
 
 # ---------------------------------------------------------------------------------------------------- stages
