@@ -27,7 +27,7 @@ from typing import Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common.console import RunConsole  # noqa: E402
-from common.ivif_demo import ensure_ivif_demo  # noqa: E402
+from common.ivif.demo import ensure_ivif_demo  # noqa: E402
 from common.preempt import PREEMPTED_EXIT_CODE, Preemption  # noqa: E402
 from common.run import AcceleratorSettings, exit_on_user_error, make_accelerator  # noqa: E402
 from crossfuse.config import ConfigError, CrossFuseConfig, load_config  # noqa: E402

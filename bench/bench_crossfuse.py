@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from common.cli import parse  # noqa: E402
 from common.data import GlobalBatchSampler  # noqa: E402
-from common.ivif_data import IVIFPairDataset, discover_file_pairs  # noqa: E402
+from common.ivif.data import IVIFPairDataset, discover_file_pairs  # noqa: E402
 from common.run import environment_info, seed_everything  # noqa: E402
 from crossfuse.losses import fusion_loss  # noqa: E402
 from crossfuse.model import AutoEncoder, CrossFuseModel, FusionNet, parameter_groups  # noqa: E402

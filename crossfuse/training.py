@@ -28,7 +28,7 @@ import torch
 from common import checkpoint as ckpt
 from common.console import RunConsole
 from common.data import GlobalBatchSampler, WorkerSeeder, to_device
-from common.ivif_data import IVIFPairDataset, load_pairs, pairs_listing, select_pairs, write_pairs_file
+from common.ivif.data import IVIFPairDataset, load_pairs, pairs_listing, select_pairs, write_pairs_file
 from common.lossdump import LossSeries, save_mat
 from common.plots import plot_curves
 from common.run import check_amp_invariant, config_to_dict, environment_info, seed_everything, write_run_record

@@ -31,6 +31,8 @@ import numpy as np
 from PIL import Image
 
 from common.checkpoint import atomic_write_text
+from common.errors import DataError
+from common.frames import list_frames, natural_key
 
 FORMAT_VERSION = 1
 DEFAULT_ANNOTATION_DIR = Path("datasets/fred_fusion/annotations")
@@ -47,7 +49,7 @@ FUSION_STATS_COLUMNS: tuple[str, ...] = ("epoch", "split", "total", "dual", "rgb
                                          "avg_time_diff_ms", "max_time_diff_ms", "threshold_s", "used")
 
 
-class FredDataError(ValueError):
+class FredDataError(DataError):
     """Bad FRED input (missing root, sequence, frame or file); the message names the path and what to do."""
 
 
@@ -140,11 +142,6 @@ class FredIndex:
 
 # ----------------------------------------------------------------------------------------------- discovery
 
-def natural_key(name: str) -> tuple:
-    """Sort key comparing digit runs as numbers (``frame_9`` < ``frame_10``)."""
-    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name) if part)
-
-
 def _looks_like_sequence(path: Path) -> bool:
     return (path / RGB_DIR).is_dir() or (path / "Event").is_dir() or (path / "RGB").is_dir()
 
@@ -187,15 +184,12 @@ def _frame_files(folder: Path, suffixes: Sequence[str], sequence: Path, what: st
     if not folder.is_dir():
         raise FredDataError(f"sequence {sequence} has no {what} folder {folder}; a FRED sequence needs "
                             f"{RGB_DIR}/ (RGB .jpg frames) and {EVENT_DIR}/ (event .png frames)")
-    files = [p for p in folder.iterdir() if p.suffix.lower() in suffixes and p.is_file()]
-    if not files:
-        raise FredDataError(f"{what} folder {folder} holds no frames ({', '.join(suffixes)})")
-    return files
+    return list_frames(folder, suffixes)
 
 
 def rgb_frames(sequence: Path) -> list[Path]:
     """Natural-sorted RGB frames of a sequence (``PADDED_RGB/``)."""
-    return sorted(_frame_files(sequence / RGB_DIR, RGB_SUFFIXES, sequence, "RGB"), key=lambda p: natural_key(p.name))
+    return _frame_files(sequence / RGB_DIR, RGB_SUFFIXES, sequence, "RGB")
 
 
 def event_time_us(path: Path) -> int:

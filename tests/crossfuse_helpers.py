@@ -31,7 +31,7 @@ AE_LINE = re.compile(
 
 def demo_root(tmp_path_factory) -> Path:
     """The demo dataset of seed 0, generated once per test session (concurrency-safe, idempotent)."""
-    from common.ivif_demo import ensure_ivif_demo
+    from common.ivif.demo import ensure_ivif_demo
 
     return ensure_ivif_demo(tmp_path_factory.getbasetemp() / "ivif_demo", 0)
 

@@ -17,7 +17,7 @@ from PIL import Image
 
 from common.console import RunConsole
 from common.images import rgb_to_ycrcb
-from common.ivif_data import discover_file_pairs
+from common.ivif.data import discover_file_pairs
 from common.lossdump import load_mat
 from common.run import seed_everything
 from crossfuse.config import load_config

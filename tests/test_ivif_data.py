@@ -1,4 +1,4 @@
-"""IR/VIS pair discovery, selection, pairs.txt and the pair dataset (common/ivif_data.py).
+"""IR/VIS pair discovery, selection, pairs.txt and the pair dataset (common/ivif/data.py).
 
 Covers spec/crossfuse.md §9 check 14 and spec/maefuse.md §9 check 10 (pairing and folders).
 """
@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from common.errors import DataError
-from common.ivif_data import (DatasetPair, FilePair, IVIFPairDataset, check_pair_headers, discover_file_pairs,
+from common.ivif.data import (DatasetPair, FilePair, IVIFPairDataset, check_pair_headers, discover_file_pairs,
                               find_folder_pairs, load_dataset_pairs, load_pairs, pairs_listing, select_pairs,
                               write_pairs_file)
 

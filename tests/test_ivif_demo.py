@@ -1,4 +1,4 @@
-"""The generated IR/VIS demo dataset (common/ivif_demo.py): spec/crossfuse.md §5 recipe and §9 check 15, and
+"""The generated IR/VIS demo dataset (common/ivif/demo.py): spec/crossfuse.md §5 recipe and §9 check 15, and
 which fusion metrics plain averaging loses to a single source on it."""
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from scipy import ndimage
 from common import ivif_demo
 from common.errors import DataError
 from common.fusion_metrics import evaluate_triplet
-from common.ivif_data import discover_file_pairs
-from common.ivif_demo import DemoArgs, demo_file_names, ensure_ivif_demo, reference_target
+from common.ivif.data import discover_file_pairs
+from common.ivif.demo import DemoArgs, demo_file_names, ensure_ivif_demo, reference_target
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -172,6 +172,6 @@ def test_command_line(demo, tmp_path, capsys):
     ivif_demo.main(DemoArgs(out=demo, seed=0))
     assert "already complete" in capsys.readouterr().out
     environment = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    finished = subprocess.run([sys.executable, "-m", "common.ivif_demo", "--out", str(demo), "--seed", "5"],
+    finished = subprocess.run([sys.executable, "-m", "common.ivif.demo", "--out", str(demo), "--seed", "5"],
                               cwd=REPO, env=environment, capture_output=True, text=True, timeout=120)
     assert finished.returncode == 2 and "seed 0" in finished.stderr

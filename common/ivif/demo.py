@@ -12,7 +12,7 @@ The content is complementary: warm targets exist only in IR (hidden, dark and te
 texture only in VIS (IR is a smooth, low-contrast blur of the scene layout). Each image's RNG is seeded by
 (seed, split, index), so equal seeds give byte-identical files.
 
-    python -m common.ivif_demo --out data/ivif_demo --seed 0
+    python -m common.ivif.demo --out data/ivif_demo --seed 0
 """
 
 from __future__ import annotations
@@ -154,7 +154,7 @@ def write_ivif_demo(out: str | Path, seed: int = 0) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(images[name]).save(path, format="PNG")
         digests[name] = hashlib.sha256(path.read_bytes()).hexdigest()
-    manifest = {"generator": "common.ivif_demo", "version": GENERATOR_VERSION, "seed": seed, "files": digests}
+    manifest = {"generator": "common.ivif.demo", "version": GENERATOR_VERSION, "seed": seed, "files": digests}
     (out / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     return out
 
@@ -164,7 +164,7 @@ def _manifest(root: Path) -> dict | None:
         manifest = json.loads((root / MANIFEST_NAME).read_text())
     except (OSError, ValueError):
         return None
-    return manifest if isinstance(manifest, dict) and manifest.get("generator") == "common.ivif_demo" else None
+    return manifest if isinstance(manifest, dict) and manifest.get("generator") == "common.ivif.demo" else None
 
 
 def is_complete(root: str | Path, seed: int) -> bool:
