@@ -11,30 +11,67 @@ newest checkpoint is found by number, never by modification time, and ``freeze``
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
-import io
 import json
 import os
 import random
+import re
 import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, BinaryIO, Callable, Iterable, Mapping
 
 import numpy as np
 import torch
 
 from common.ckpt_names import checkpoint_name, find_latest, list_checkpoints, parse_checkpoint_name
+from common.errors import UserError
 
 __all__ = ["checkpoint_name", "find_latest", "list_checkpoints", "parse_checkpoint_name"]
 
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be read: missing, truncated, corrupt or holding pickled objects."""
+TEMP_SUFFIX = ".tmp"
+# mkstemp names: ".<final name>." + 8 random characters + ".tmp"; only such files are ever cleaned up.
+TEMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
+# Errors of the output location rather than of the program: one message saying what to do, exit code 2.
+OUTPUT_ERRNOS = {errno.ENOSPC: "the disk is full: free space or choose another output folder",
+                 errno.EDQUOT: "the disk quota is exceeded: free space or choose another output folder",
+                 errno.EROFS: "the file system is read-only: choose a writable output folder",
+                 errno.EACCES: "permission denied: choose an output folder you can write to",
+                 errno.EPERM: "permission denied: choose an output folder you can write to"}
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
-class ResumeRefused(RuntimeError):
+def _file_mode() -> int:
+    """0o666 minus the process umask: what ``open()`` would give (``mkstemp`` alone gives 0o600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+FILE_MODE = _file_mode()
+
+
+class CheckpointError(UserError):
+    """A checkpoint or weight file cannot be read: missing, truncated, corrupt or holding pickled objects."""
+
+
+class ResumeRefused(UserError):
     """A checkpoint does not belong to this run (other script, stage, trainable set, precision or world size)."""
+
+
+class OutputError(UserError):
+    """An output file cannot be written (full disk, read-only or foreign folder); nothing was damaged."""
+
+
+def output_error(path: Path, error: OSError) -> OutputError | OSError:
+    """The user-facing error for an ``OSError`` raised while writing ``path`` (other errors are returned as is)."""
+    advice = OUTPUT_ERRNOS.get(error.errno)
+    if advice is None:
+        return error
+    return OutputError(f"cannot write {path}: {advice} (earlier files are intact)")
 
 
 def _check_plain(value: Any, where: str) -> None:
@@ -67,30 +104,54 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``.
+def make_dirs(path: str | Path) -> Path:
+    """``mkdir -p``; a full disk or a read-only/foreign location becomes one :class:`OutputError`."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise output_error(path, error) from error
+    return path
 
-    A crash at any point leaves either the old file or the new one under ``path``, never a partial file.
+
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
+    """Write ``path`` through ``write(handle)`` into a temporary file in the same folder, then ``os.replace``.
+
+    A crash at any point leaves either the old file or the new one under ``path``, never a partial file (a
+    kill -9 can leave the temporary file, which :func:`remove_orphan_temps` deletes at the next start). The file
+    gets the usual permissions (readable by others unless the umask says otherwise). A full disk or an
+    unwritable folder raises :class:`OutputError` naming the file.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    make_dirs(path.parent)
     try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+    except OSError as error:
+        raise output_error(path, error) from error
+    try:
+        os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp_name, path)
-    except BaseException:
-        if os.path.exists(tmp_name):
+    except BaseException as error:
+        with contextlib.suppress(OSError):
             os.unlink(tmp_name)
+        if isinstance(error, OSError):
+            raise output_error(path, error) from error
         raise
     _fsync_dir(path.parent)
     return path
 
 
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Atomically write ``data`` to ``path`` (see :func:`atomic_write`)."""
+    return atomic_write(path, lambda handle: handle.write(data))
+
+
 def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Atomically write a UTF-8 text file (see :func:`atomic_write_bytes`)."""
+    """Atomically write a UTF-8 text file (see :func:`atomic_write`)."""
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
@@ -99,36 +160,71 @@ def atomic_write_json(path: str | Path, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
+def remove_orphan_temps(folder: str | Path) -> list[Path]:
+    """Delete the temporary files that killed atomic writes left under ``folder`` (recursively).
+
+    Call it before anything writes into ``folder`` (a run's start, on the main process): a temporary file is
+    then never a write in progress.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for path in folder.rglob(f".*{TEMP_SUFFIX}"):
+        if TEMP_NAME.match(path.name) and path.is_file():
+            with contextlib.suppress(OSError):
+                path.unlink()
+                removed.append(path)
+    return removed
+
+
 def save_checkpoint(path: str | Path, state: dict) -> Path:
-    """Atomically save ``state`` (tensors and plain values only) with ``torch.save``."""
+    """Atomically save ``state`` (tensors and plain values only) with ``torch.save``, streamed to the file."""
     _check_plain(state, "checkpoint")
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    return atomic_write_bytes(path, buffer.getvalue())
+    return atomic_write(path, lambda handle: torch.save(state, handle))
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """Load a checkpoint with ``weights_only=True``; any failure is one clear :class:`CheckpointError`."""
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", *, mmap: bool = False,
+                    safe_globals: Iterable[Any] = (), what: str = "checkpoint") -> Any:
+    """``torch.load(weights_only=True)`` with one clear :class:`CheckpointError` for every failure.
+
+    Every ``torch.load`` of the project goes through here. ``mmap=True`` reads plain fields without loading the
+    tensors' bytes (peeking at a large file); ``safe_globals`` allow-lists extra types (MAE files carry an
+    ``argparse.Namespace``); ``what`` names the kind of file in messages.
+    """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+        raise CheckpointError(f"{what} {path} does not exist")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except (zipfile.BadZipFile, EOFError, RuntimeError) as error:
+        with torch.serialization.safe_globals(list(safe_globals)):
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except (zipfile.BadZipFile, EOFError, RuntimeError, ValueError) as error:
+        if "weights_only" in str(error) or "Unsupported global" in str(error):
+            raise CheckpointError(_pickled_message(path, what)) from None
+        first = (str(error).strip().splitlines() or [""])[0][:160]
         raise CheckpointError(
-            f"checkpoint {path} is truncated or corrupt ({type(error).__name__}: {str(error).splitlines()[0]}); "
-            "resume from an earlier checkpoint or delete this file"
-        ) from error
+            f"{what} {path} is truncated or corrupt ({type(error).__name__}: {first}); use an earlier file or "
+            "delete this one") from None
     except Exception as error:  # the weights_only unpickler raises UnpicklingError for pickled objects
         if "weights_only" in str(error) or "Unsupported global" in str(error) or "pickle" in type(error).__name__.lower():
-            raise CheckpointError(
-                f"checkpoint {path} holds pickled Python objects, which are refused (weights_only=True): "
-                "it was not written by this project; load only files you trust with a tool made for them"
-            ) from error
-        raise CheckpointError(f"checkpoint {path} cannot be read: {type(error).__name__}: {error}") from error
-    if not isinstance(state, dict):
-        raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, not a dict")
-    return state
+            raise CheckpointError(_pickled_message(path, what)) from None
+        first = (str(error).strip().splitlines() or [""])[0][:160]
+        raise CheckpointError(f"{what} {path} cannot be read ({type(error).__name__}: {first})") from None
+
+
+def _pickled_message(path: Path, what: str) -> str:
+    return (f"{what} {path} holds pickled Python objects, which are refused for safety (only tensors and plain "
+            "values are loaded): it was not written by this project; re-save it as a plain state dict")
+
+
+def strip_wrapper_prefixes(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """Remove any number of leading ``module.`` (DDP/DataParallel) and ``_orig_mod.`` (torch.compile) prefixes."""
+    stripped = {}
+    for key, value in state_dict.items():
+        while key.startswith(WRAPPER_PREFIXES):
+            key = key.split(".", 1)[1]
+        stripped[key] = value
+    return stripped
 
 
 def file_sha256(path: str | Path) -> str:
@@ -288,7 +384,7 @@ class CheckpointManager:
         """Delete all but the newest ``keep_last`` and the best checkpoint; returns what was deleted."""
         if self.keep_last == 0:
             return []
-        found = [(n, p) for n, p in list_checkpoints(self.directory, self.stage) if p.parent == self.directory]
+        found = list_checkpoints(self.directory, self.stage, recursive=False)
         keep = {p for _, p in found[-self.keep_last:]}
         best = self.best_number
         deleted = []
@@ -299,6 +395,10 @@ class CheckpointManager:
             deleted.append(path)
         return deleted
 
+    def paths(self) -> list[Path]:
+        """This stage's checkpoints in this folder, oldest first."""
+        return [path for _, path in list_checkpoints(self.directory, self.stage, recursive=False)]
+
     def latest(self) -> Path | None:
         """Newest checkpoint of this stage in this folder."""
-        return find_latest(self.directory, self.stage)
+        return find_latest(self.directory, self.stage, recursive=False)

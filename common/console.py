@@ -51,6 +51,7 @@ class RunConsole:
         self.console = Console(highlight=False, soft_wrap=True, force_terminal=self.interactive or None,
                                no_color=not self.interactive, emoji=False)
         self.log_path = Path(log_file) if log_file else None
+        self._unlogged: list[str] = []  # lines printed before the run folder (and its log) existed
         self._progress: Progress | None = None
         self._task = None
         self._total = 0
@@ -58,14 +59,20 @@ class RunConsole:
         self._start_step = 0
 
     def set_log_file(self, path: str | Path) -> None:
-        """Append printed lines to ``path`` from now on."""
+        """Append printed lines to ``path`` from now on, starting with those printed before."""
         self.log_path = Path(path)
+        pending, self._unlogged = self._unlogged, []
+        for text in pending:
+            self._tee(text)
 
     def _tee(self, text: str) -> None:
-        if self.log_path is not None and self.is_main:
-            self.log_path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.log_path, "a", encoding="utf-8") as handle:
-                handle.write(text + "\n")
+        if not self.is_main:
+            return
+        if self.log_path is None:
+            self._unlogged.append(text)
+            return
+        with open(self.log_path, "a", encoding="utf-8") as handle:
+            handle.write(text + "\n")
 
     def print(self, text: str) -> None:
         """Print one line (main process only), above the progress bar if one is live."""

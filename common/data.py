@@ -2,13 +2,19 @@
 
 The order of an epoch depends only on (seed, epoch): the same global batches are formed for any number of
 processes, and a resumed run can start at any batch of an epoch. Each process takes its contiguous slice of
-every global batch.
+every global batch. With ``keyed=True`` the sampler hands the dataset a :class:`SampleKey` (index, epoch,
+position in the epoch's order) instead of a bare index, so per-sample random draws can be seeded by the
+sample's place in the epoch: identical for any number of processes and loader workers, and exact when a run
+resumes in the middle of an epoch.
+
+:func:`epoch_batches` drives a loader from a :class:`common.state.LoopPosition`, epoch after epoch, starting
+at the position's batch.
 """
 
 from __future__ import annotations
 
 import random
-from typing import Iterator, Mapping
+from typing import Iterator, Mapping, NamedTuple
 
 import numpy as np
 import torch
@@ -18,6 +24,14 @@ from torch.utils.data import Sampler
 def epoch_permutation(num_samples: int, seed: int, epoch: int) -> np.ndarray:
     """The permutation of ``range(num_samples)`` used in ``epoch`` (depends only on seed and epoch)."""
     return np.random.default_rng([seed, epoch]).permutation(num_samples)
+
+
+class SampleKey(NamedTuple):
+    """A sample's index and its place in an epoch's global order (what keyed datasets seed their draws with)."""
+
+    index: int
+    epoch: int
+    position: int
 
 
 class GlobalBatchSampler(Sampler[list[int]]):
@@ -30,10 +44,11 @@ class GlobalBatchSampler(Sampler[list[int]]):
         rank, world_size: this process and the number of processes.
         shuffle: permute per epoch (else sequential order).
         drop_last: drop the last incomplete global batch.
+        keyed: yield :class:`SampleKey` tuples instead of indices.
     """
 
     def __init__(self, num_samples: int, global_batch: int, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 shuffle: bool = True, drop_last: bool = True):
+                 shuffle: bool = True, drop_last: bool = True, keyed: bool = False):
         if global_batch % world_size:
             raise ValueError(f"global batch {global_batch} is not divisible by {world_size} processes")
         if drop_last and num_samples < global_batch:
@@ -45,6 +60,7 @@ class GlobalBatchSampler(Sampler[list[int]]):
         self.world_size = world_size
         self.shuffle = shuffle
         self.drop_last = drop_last
+        self.keyed = keyed
         self.epoch = 0
         self.start_batch = 0
 
@@ -67,14 +83,17 @@ class GlobalBatchSampler(Sampler[list[int]]):
         count = full if self.drop_last else -(-self.num_samples // self.global_batch)
         return max(count - self.start_batch, 0)
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[list]:
         per_rank = self.global_batch // self.world_size
-        for batch in self.global_batches()[self.start_batch:]:
-            if len(batch) < self.global_batch:
-                share = -(-len(batch) // self.world_size)
-                yield batch[self.rank * share:(self.rank + 1) * share].tolist()
+        for number, batch in enumerate(self.global_batches()[self.start_batch:], start=self.start_batch):
+            share = -(-len(batch) // self.world_size) if len(batch) < self.global_batch else per_rank
+            first = self.rank * share
+            indices = batch[first:first + share].tolist()
+            if self.keyed:
+                start = number * self.global_batch + first
+                yield [SampleKey(index, self.epoch, start + offset) for offset, index in enumerate(indices)]
             else:
-                yield batch[self.rank * per_rank:(self.rank + 1) * per_rank].tolist()
+                yield indices
 
 
 class WorkerSeeder:
@@ -112,6 +131,25 @@ class WorkerSeeder:
         """With ``num_workers=0``: give the dataset its worker-0 RNG for this epoch (global RNGs untouched)."""
         if dataset is not None and hasattr(dataset, "init_worker"):
             dataset.init_worker(0)
+
+
+def set_loader_epoch(loader, epoch: int, start_batch: int = 0) -> None:
+    """Before iterating an epoch: the sampler's permutation (skipping ``start_batch`` batches when resuming), the
+    dataset's epoch (``set_epoch`` if it has one) and the workers' seeds (:class:`WorkerSeeder`)."""
+    loader.batch_sampler.set_epoch(epoch, start_batch)
+    if hasattr(loader.dataset, "set_epoch"):
+        loader.dataset.set_epoch(epoch)
+    if isinstance(loader.worker_init_fn, WorkerSeeder):
+        loader.worker_init_fn.epoch = epoch
+
+
+def epoch_batches(loader, position):
+    """Yield ``loader``'s batches epoch after epoch from ``position`` (a :class:`common.state.LoopPosition`):
+    each epoch starts at ``position.batch`` of ``position.epoch`` as the loop has advanced it
+    (:meth:`~common.state.LoopPosition.next_batch`). Endless: the loop decides when to stop."""
+    while True:
+        set_loader_epoch(loader, position.epoch, position.batch)
+        yield from loader
 
 
 def to_device(batch, device: torch.device, non_blocking: bool = True):

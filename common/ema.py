@@ -31,21 +31,39 @@ class ModelEMA:
         self.updates = updates
 
     def current_decay(self) -> float:
-        """Decay used by the next update (after ``updates`` is incremented)."""
+        """Decay d(updates) of the update just counted."""
         if self.tau is None:
             return self.decay
-        return self.decay * (1.0 - math.exp(-self.updates / self.tau))
+        return self.decay * (1.0 - math.exp(-int(self.updates) / self.tau))
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        """Blend ``model``'s floating-point state into the EMA (increments ``updates`` first)."""
-        self.updates += 1
-        d = self.current_decay()
+    def update(self, model: nn.Module, applied: torch.Tensor | bool | None = True) -> None:
+        """Blend ``model``'s floating-point state into the EMA after an applied optimizer step.
+
+        ``applied`` is the optimizer step's outcome (:class:`common.step.StepResult`): False or None does
+        nothing; a device tensor (the step was skipped or not on the device) masks the blend and the update
+        count on the device, so no host synchronisation is needed.
+        """
+        if applied is None or applied is False:
+            return
         source = model.state_dict()
         ema_tensors = [v for v in self.module.state_dict().values() if v.is_floating_point()]
         model_tensors = [source[k].detach().float() for k, v in self.module.state_dict().items() if v.is_floating_point()]
-        torch._foreach_mul_(ema_tensors, d)
-        torch._foreach_add_(ema_tensors, model_tensors, alpha=1.0 - d)
+        if isinstance(applied, torch.Tensor):
+            applied = applied.to(ema_tensors[0].device)
+            self.updates = self.updates + applied.to(torch.int64)
+            decay = self._decay_of(self.updates.to(torch.float64)).to(torch.float32)
+            weight = (1.0 - decay) * applied
+            torch._foreach_lerp_(ema_tensors, model_tensors, weight)
+            return
+        self.updates += 1
+        torch._foreach_lerp_(ema_tensors, model_tensors, 1.0 - self.current_decay())
+
+    def _decay_of(self, updates: torch.Tensor) -> torch.Tensor:
+        """d(u) for a device tensor of update counts."""
+        if self.tau is None:
+            return torch.full_like(updates, self.decay)
+        return self.decay * (1.0 - torch.exp(-updates / self.tau))
 
     def state_dict(self) -> dict:
         """The EMA model's state dict (its tensors, not copies)."""

@@ -1,8 +1,13 @@
-"""Graceful preemption: SIGTERM/SIGUSR1 set a flag; at the next step boundary every process agrees to stop,
-the trainer saves a checkpoint atomically and exits with :data:`PREEMPTED_EXIT_CODE`.
+"""Graceful stops: SIGTERM/SIGUSR1 (a scheduler's preemption) and Ctrl-C set a flag; at the next step boundary
+every process agrees to stop, the trainer saves its state atomically and exits with a documented code.
 
-Schedulers such as SLURM send SIGTERM (or a configured SIGUSR1) some time before killing a job; requeue the job
-with the same command plus ``--resume auto``.
+- SIGTERM/SIGUSR1 -> :data:`PREEMPTED_EXIT_CODE` (75, "try again"): requeue the same command, it continues.
+- Ctrl-C (SIGINT) -> the same save, then exit code 130; a second Ctrl-C stops at once (nothing is half-written:
+  every file is written atomically).
+
+Outside the training loop (evaluation, exports), :meth:`Preemption.raise_if_requested` stops with
+:class:`Preempted`, which :func:`common.run.exit_on_user_error` turns into the same exit codes; the next run
+redoes that phase.
 """
 
 from __future__ import annotations
@@ -12,37 +17,69 @@ import signal
 import torch
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "temporary failure, try again" - the run can be resumed.
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, what shells report for Ctrl-C
+
+
+class Preempted(Exception):
+    """A stop signal arrived outside a point where the state can be saved; the run is to be repeated."""
+
+    def __init__(self, signal_name: str):
+        super().__init__(f"stopped by {signal_name}; run the same command again to continue")
+        self.signal_name = signal_name
+
+    @property
+    def exit_code(self) -> int:
+        """75 for a scheduler's signal, 130 for Ctrl-C."""
+        return INTERRUPTED_EXIT_CODE if self.signal_name == "SIGINT" else PREEMPTED_EXIT_CODE
 
 
 class Preemption:
-    """Installs the signal handlers and answers "should we stop now?" consistently on every rank."""
+    """Installs the signal handlers and answers "should we stop now?" consistently on every process.
 
-    def __init__(self, accelerator, signals=(signal.SIGTERM, signal.SIGUSR1), every: int = 1):
+    Args:
+        accelerator: the run's Accelerator.
+        every: with several processes, they agree through one tiny all-reduce (and a host read) at steps
+            divisible by ``every`` only, so the hot loop is not synchronised at every step; use the log interval.
+    """
+
+    def __init__(self, accelerator, signals=(signal.SIGTERM, signal.SIGUSR1, signal.SIGINT), every: int = 1):
         self.accelerator = accelerator
         self.every = max(1, every)
         self.requested = False
-        self.signal_name = None
+        self.signal_name: str | None = None
         self._previous = {}
         for signum in signals:
             self._previous[signum] = signal.signal(signum, self._handle)
 
     def _handle(self, signum, frame) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
         self.requested = True
         self.signal_name = signal.Signals(signum).name
 
-    def should_stop(self, step: int = 0) -> bool:
-        """True on every rank if any rank received a stop signal.
+    @property
+    def exit_code(self) -> int:
+        """The exit code for the signal received."""
+        return INTERRUPTED_EXIT_CODE if self.signal_name == "SIGINT" else PREEMPTED_EXIT_CODE
 
-        Multi-process runs agree through one tiny all-reduce, made only at steps divisible by ``every`` (the
-        same steps on every rank), so the hot loop is not synchronised at every step.
-        """
+    def should_stop(self, step: int = 0) -> bool:
+        """True on every process if any process received a stop signal (multi-process: at multiples of
+        ``every`` only, the same steps everywhere)."""
         if self.accelerator.num_processes == 1:
             return self.requested
         if step % self.every:
             return False
         flag = torch.tensor([1.0 if self.requested else 0.0], device=self.accelerator.device)
         flag = self.accelerator.reduce(flag, reduction="sum")
-        return bool(flag.item() > 0)
+        stop = bool(flag.item() > 0)
+        if stop and self.signal_name is None:
+            self.signal_name = "SIGTERM"  # another process received it
+        return stop
+
+    def raise_if_requested(self) -> None:
+        """Outside the training loop: stop with :class:`Preempted` if a signal arrived (this process only)."""
+        if self.requested:
+            raise Preempted(self.signal_name or "SIGTERM")
 
     def restore(self) -> None:
         """Put back the previous signal handlers."""

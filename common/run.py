@@ -19,7 +19,6 @@ from typing import Any, Callable
 
 import torch
 
-from common.checkpoint import atomic_write_json
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +65,19 @@ def make_accelerator(settings: AcceleratorSettings, project_dir: str | Path | No
         log_with=log_with,
         project_config=project_config,
     )
+
+
+def start_accelerator(settings: AcceleratorSettings, project_dir: str | Path | None = None):
+    """The Accelerator and the run's console (quiet on other processes); set-up warnings go to the console, so
+    they also reach the run's log once it is opened."""
+    from common.console import RunConsole
+
+    warnings: list[str] = []
+    accelerator = make_accelerator(settings, project_dir, warn=warnings.append)
+    console = RunConsole(is_main=accelerator.is_main_process)
+    for warning in warnings:
+        console.warn(warning)
+    return accelerator, console
 
 
 def seed_everything(seed: int) -> None:
@@ -129,48 +141,45 @@ def config_to_dict(config: Any) -> Any:
     return config
 
 
-def write_run_record(run_dir: str | Path, script: str, config: Any, argv: list[str],
-                     resume_args: list[str], extra: dict | None = None) -> dict:
-    """Write ``config.json`` (resolved config) and ``run.json`` (script, argv, how to resume, environment).
+def user_message(error: BaseException) -> str:
+    """The one-line message of a user-facing error; an error re-raised from a data-loader worker carries the
+    worker's traceback in its text, of which only the original message is kept."""
+    text = str(error)
+    if "Original Traceback" in text:
+        last = [line for line in text.strip().splitlines() if line.strip()][-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return text
 
-    ``resume_args`` is what the script's command line needs to resume, with ``{checkpoint}`` standing for the
-    checkpoint path (e.g. ``["--resume", "{checkpoint}"]``); ``resume_training.py`` reads it.
+
+def exit_on_user_error(main: Callable[[], int | None]) -> int:
+    """Run ``main`` and turn what a user can act on into one ``error:`` line and an exit code, never a traceback:
+
+    - a :class:`common.errors.UserError` (bad data or settings, refused or unreadable checkpoints, a full or
+      read-only output folder, non-finite training...), also when raised inside a data-loader worker: exit 2;
+    - a stop signal outside the training loop (:class:`common.preempt.Preempted`): exit 75 (SIGTERM) or 130;
+    - Ctrl-C pressed twice: exit 130.
     """
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(run_dir / "config.json", config_to_dict(config))
-    record = {
-        "script": script,
-        "argv": list(argv),
-        "resume_args": list(resume_args),
-        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "environment": environment_info(),
-    }
-    if extra:
-        record.update(extra)
-    atomic_write_json(run_dir / "run.json", record)
-    return record
-
-
-def read_run_record(run_dir: str | Path) -> dict | None:
-    """The ``run.json`` of a run directory (None if absent)."""
-    path = Path(run_dir) / "run.json"
-    if not path.is_file():
-        return None
-    return json.loads(path.read_text())
-
-
-def exit_on_user_error(main: Callable[[], int | None], extra: tuple[type[BaseException], ...] = ()) -> int:
-    """Run ``main``; a user-facing error (bad data, refused or corrupt checkpoint, non-finite training, or one of
-    a trainer's ``extra`` types) becomes one clear ``error:`` line on stderr and exit code 2, not a traceback."""
-    from common.checkpoint import CheckpointError, ResumeRefused
-    from common.errors import DataError
-    from common.step import NonFiniteLossError
+    from common.checkpoint import OUTPUT_ERRNOS
+    from common.errors import UserError
+    from common.preempt import INTERRUPTED_EXIT_CODE, Preempted
 
     try:
         return int(main() or 0)
-    except (CheckpointError, ResumeRefused, DataError, NonFiniteLossError, FileNotFoundError, *extra) as error:
-        print(f"error: {error}", file=sys.stderr)
+    except UserError as error:
+        print(f"error: {user_message(error)}", file=sys.stderr)
+        return 2
+    except Preempted as error:
+        print(f"stopped: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C): every file written so far is complete; run the same command again to "
+              "continue from the last checkpoint", file=sys.stderr)
+        return INTERRUPTED_EXIT_CODE
+    except OSError as error:
+        advice = OUTPUT_ERRNOS.get(error.errno)
+        if advice is None:
+            raise
+        print(f"error: cannot write {error.filename or 'an output file'}: {advice}", file=sys.stderr)
         return 2
 
 

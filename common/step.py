@@ -2,11 +2,15 @@
 
 The step never touches a GradScaler: under fp16 on an accelerator, Accelerate creates the scaler once, scales the
 loss in ``accelerator.backward`` and unscales/steps/updates inside the prepared optimizer, so no stage switch can
-lose it. Gradients are clipped (trainable parameters only) at synchronisation steps, and a step whose gradient
-norm is not finite is skipped and counted; after ``max_nonfinite`` skips in a row training stops with a clear
-message. Deciding to skip needs the gradient norm on the host: that is one scalar transfer per optimizer step
-(not per micro-batch); the norm is identical on all ranks after the all-reduce, so ranks agree without a
-collective.
+lose it. Gradients are clipped (trainable parameters only) at synchronisation steps.
+
+Non-finite guard, without a host synchronisation per step: a step whose loss (or, when clipping, gradient norm)
+is not finite is skipped and counted on the device. Optimizers that take a ``found_inf`` flag (PyTorch's fused
+Adam, AdamW and SGD: ``fused=True``, on the CPU too) skip the update inside their kernel, so the decision never
+leaves the device; the counters are read at log, evaluation and save steps (:meth:`OptimStep.check`), which stop
+training after ``max_nonfinite`` skipped steps in a row. With other optimizers the decision needs the loss on
+the host: one scalar per optimizer step (free on the CPU, a synchronisation on a GPU). In multi-process runs the
+flag is all-reduced so every process skips the same steps.
 """
 
 from __future__ import annotations
@@ -16,10 +20,11 @@ from dataclasses import dataclass
 
 import torch
 
+from common.errors import UserError
 from common.freeze import trainable_parameters
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError):
     """Losses or gradients stayed non-finite for too many optimizer steps in a row."""
 
 
@@ -29,25 +34,25 @@ class StepResult:
 
     Attributes:
         synced: this micro-batch completed an accumulation window (an optimizer step was attempted).
-        applied: the optimizer step changed the weights (False for accumulation, skipped or overflow steps).
-        grad_norm: total gradient norm of the trainable parameters before clipping (a tensor; None if not synced).
+        applied: whether the step changed the weights: a 0-d bool tensor (device-side skip), a bool, or None
+            when not synced. Pass it to :meth:`common.ema.ModelEMA.update`, which needs no host value.
+        grad_norm: total gradient norm of the trainable parameters before clipping (a tensor), when clipping
+            or under fp16; else None.
     """
 
     synced: bool
-    applied: bool
+    applied: torch.Tensor | bool | None
     grad_norm: torch.Tensor | None
 
 
-def total_grad_norm(parameters, device) -> torch.Tensor:
-    """L2 norm of all gradients (a device tensor; no clipping, no host synchronisation)."""
-    grads = [p.grad for p in parameters if p.grad is not None]
-    if not grads:
-        return torch.zeros((), device=device)
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+def supports_found_inf(optimizer) -> bool:
+    """Whether ``optimizer`` (or the optimizer a prepared one wraps) can skip an update from a device flag."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    return bool(getattr(inner, "_step_supports_amp_scaling", False))
 
 
 class OptimStep:
-    """Backward, accumulate, clip, step, zero, with non-finite protection.
+    """Backward, accumulate, clip, step, zero, with the non-finite guard (module docstring).
 
     Use inside ``with accelerator.accumulate(model):`` (which decides the synchronisation steps) or with
     ``gradient_accumulation_steps=1``.
@@ -60,8 +65,10 @@ class OptimStep:
         self.max_grad_norm = max_grad_norm
         self.max_nonfinite = max_nonfinite
         self.warn = warn or (lambda message: None)
-        self.nonfinite_in_a_row = 0
-        self.skipped_total = 0
+        device = accelerator.device
+        self.nonfinite_in_a_row = torch.zeros((), dtype=torch.int64, device=device)
+        self.skipped_total = torch.zeros((), dtype=torch.int64, device=device)
+        self._reported_total = 0
         self.set_model(model)
 
     def set_model(self, model) -> None:
@@ -71,51 +78,71 @@ class OptimStep:
 
     def __call__(self, loss: torch.Tensor) -> StepResult:
         """Backpropagate ``loss`` and, at a synchronisation step, clip and apply the optimizer step."""
-        self.accelerator.backward(loss)
-        if not self.accelerator.sync_gradients:
-            return StepResult(synced=False, applied=False, grad_norm=None)
-        scaler = self.accelerator.scaler
-        if self.max_grad_norm is None and scaler is None:
-            grad_norm = total_grad_norm(self.parameters, self.accelerator.device)
-        else:
+        accelerator = self.accelerator
+        accelerator.backward(loss)
+        if not accelerator.sync_gradients:
+            return StepResult(synced=False, applied=None, grad_norm=None)
+        scaler = accelerator.scaler
+        grad_norm = None
+        if self.max_grad_norm is not None or scaler is not None:
             max_norm = self.max_grad_norm if self.max_grad_norm is not None else math.inf
-            grad_norm = self.accelerator.clip_grad_norm_(self.parameters, max_norm)
+            grad_norm = accelerator.clip_grad_norm_(self.parameters, max_norm)
         if scaler is not None:
-            # fp16: the scaler skips overflow steps itself and lowers the scale; it must see every step.
+            # fp16: the scaler finds overflow steps itself and lowers the scale; it must see every step.
             self.optimizer.step()
-            applied = not self.accelerator.optimizer_step_was_skipped
+            applied: torch.Tensor | bool = not accelerator.optimizer_step_was_skipped
         else:
-            applied = bool(torch.isfinite(grad_norm))
-            if applied:
-                self.optimizer.step()
+            finite = torch.isfinite(loss.detach())
+            if grad_norm is not None:
+                finite = finite & torch.isfinite(grad_norm)
+            if accelerator.num_processes > 1:
+                bad = accelerator.reduce((~finite).to(torch.float32).reshape(1), reduction="sum")
+                finite = (bad == 0).reshape(())
+            if supports_found_inf(self.optimizer):
+                inner = getattr(self.optimizer, "optimizer", self.optimizer)
+                inner.found_inf = (~finite).to(torch.float32)
+                inner.grad_scale = None
+                try:
+                    self.optimizer.step()
+                finally:
+                    del inner.found_inf, inner.grad_scale
+                applied = finite
+            else:
+                applied = bool(finite)
+                if applied:
+                    self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self._count(applied)
-        return StepResult(synced=True, applied=applied, grad_norm=grad_norm.detach())
+        skipped = ~torch.as_tensor(applied, device=self.skipped_total.device)
+        self.nonfinite_in_a_row = (self.nonfinite_in_a_row + 1) * skipped
+        self.skipped_total = self.skipped_total + skipped
+        if isinstance(applied, bool) and not applied:
+            self.check()
+        return StepResult(synced=True, applied=applied, grad_norm=None if grad_norm is None else grad_norm.detach())
 
-    def _count(self, applied: bool) -> None:
-        if applied:
-            self.nonfinite_in_a_row = 0
-            return
-        self.nonfinite_in_a_row += 1
-        self.skipped_total += 1
-        self.warn(
-            f"skipped an optimizer step with a non-finite loss or gradient "
-            f"({self.nonfinite_in_a_row} in a row, {self.skipped_total} in total)"
-        )
-        if self.nonfinite_in_a_row >= self.max_nonfinite:
+    def check(self) -> None:
+        """Report skipped steps since the last check and stop after ``max_nonfinite`` in a row (reads the
+        device counters: call at log, evaluation and save steps)."""
+        in_a_row, total = int(self.nonfinite_in_a_row), int(self.skipped_total)
+        if total > self._reported_total:
+            self.warn(f"skipped {total - self._reported_total} optimizer step(s) with a non-finite loss or gradient "
+                      f"since the last report ({total} in total, {in_a_row} in a row now)")
+            self._reported_total = total
+        if in_a_row >= self.max_nonfinite:
             raise NonFiniteLossError(
-                f"the loss or gradients were non-finite for {self.nonfinite_in_a_row} optimizer steps in a row: "
+                f"the loss or gradients were non-finite for {in_a_row} optimizer steps in a row: "
                 "lower the learning rate, check the data for NaN/inf values, or use mixed precision 'no'"
             )
 
     def state_dict(self) -> dict:
         """Counters to checkpoint."""
-        return {"nonfinite_in_a_row": self.nonfinite_in_a_row, "skipped_total": self.skipped_total}
+        return {"nonfinite_in_a_row": int(self.nonfinite_in_a_row), "skipped_total": int(self.skipped_total)}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore the counters."""
-        self.nonfinite_in_a_row = int(state["nonfinite_in_a_row"])
-        self.skipped_total = int(state["skipped_total"])
+        device = self.skipped_total.device
+        self.nonfinite_in_a_row = torch.tensor(int(state["nonfinite_in_a_row"]), device=device)
+        self.skipped_total = torch.tensor(int(state["skipped_total"]), device=device)
+        self._reported_total = int(state["skipped_total"])
 
 
 def accumulation_state(accelerator, model) -> dict:

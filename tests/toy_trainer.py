@@ -1,8 +1,8 @@
-"""A small trainer built only from the kit, used by the kit's tests and by ``bench/parity.py``.
+"""The shortest correct trainer on the kit: the template a new trainer copies, and the kit's test vehicle.
 
 It has what the real trainers combine: a freeze -> unfreeze stage switch (re-wrapped for DDP), two parameter
-groups with a per-step cosine schedule, gradient accumulation, an EMA, per-step loss series dumped to
-cumulative ``.mat`` files, atomic checkpoints with retention, ``--resume auto``, and preemption.
+groups with a per-step cosine schedule, gradient accumulation, an EMA, per-step loss series dumped to cumulative
+``.mat`` files, one train state saved and restored whole, ``--resume auto|never|PATH`` and preemption.
 
     python tests/toy_trainer.py --run-dir /tmp/toy --epochs 3
     torchrun --nproc_per_node 2 tests/toy_trainer.py --run-dir /tmp/toy2
@@ -13,34 +13,36 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
+import tyro
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import checkpoint as ckpt  # noqa: E402
+from common.checkpoint import CheckpointManager  # noqa: E402
 from common.cli import parse  # noqa: E402
-from common.console import RunConsole  # noqa: E402
-from common.data import GlobalBatchSampler, WorkerSeeder, to_device  # noqa: E402
+from common.data import GlobalBatchSampler, WorkerSeeder, epoch_batches, to_device  # noqa: E402
 from common.ema import ModelEMA  # noqa: E402
 from common.freeze import FreezePolicy, apply_policy, switch_stage  # noqa: E402
 from common.lossdump import LossSeries, save_mat  # noqa: E402
-from common.preempt import PREEMPTED_EXIT_CODE, Preemption  # noqa: E402
-from common.run import (  # noqa: E402
-    AcceleratorSettings, exit_on_user_error, make_accelerator, seed_everything, write_run_record)
+from common.preempt import Preemption  # noqa: E402
+from common.resume import RunOptions, plan_resume  # noqa: E402
+from common.run import AcceleratorSettings, exit_on_user_error, seed_everything, start_accelerator  # noqa: E402
+from common.runfolder import RunFolder  # noqa: E402
 from common.schedules import Schedule, apply_schedule, set_base_lrs  # noqa: E402
-from common.step import OptimStep, accumulation_state, load_accumulation_state  # noqa: E402
+from common.state import TrainState  # noqa: E402
+from common.step import OptimStep  # noqa: E402
 
-SCRIPT = "toy_trainer"
+SCRIPT = "tests/toy_trainer.py"
 
 
 @dataclass(frozen=True)
 class ToyConfig:
-    """Toy trainer settings."""
+    """Toy trainer: a conv + linear regressor on synthetic data, frozen backbone first."""
 
     run_dir: Path = Path("runs/toy")
     """Output folder (checkpoints, .mat dumps, losses.json)."""
@@ -56,12 +58,10 @@ class ToyConfig:
     """Optimizer step at which the backbone starts training (0: never frozen)."""
     lr: float = 1e-2
     """Base learning rate (head group; the backbone group gets half)."""
-    checkpoint_every: int = 0
-    """Also checkpoint every N micro-steps (0: only at epoch ends)."""
-    stop_after: int = 0
-    """Stop (with a checkpoint) after this many micro-steps, as an interrupted run would (0: run to the end)."""
+    log_every: int = 2
+    """Log (and read the non-finite counters) every N optimizer steps."""
     resume: str = "never"
-    """``auto`` (latest checkpoint of the run dir), ``never``, or a checkpoint path."""
+    """auto (continue the newest checkpoint), never, or a checkpoint path."""
     allow: tuple[str, ...] = ()
     """Resume checks to waive (script, stage, trainable, mixed_precision, world_size)."""
     mixed_precision: Literal["no", "bf16", "fp16", "launch"] = "no"
@@ -76,10 +76,10 @@ class ToyConfig:
     """Seconds to sleep per micro-step (lets tests deliver signals mid-run)."""
     seed: int = 0
     """Seed."""
-    keep_last: int = 2
-    """Checkpoints kept."""
     no_rewrap: bool = False
     """Negative control: change requires_grad at the switch without re-wrapping the DDP model."""
+    run: Annotated[RunOptions, tyro.conf.OmitArgPrefixes] = field(default_factory=RunOptions)
+    """Checkpoints, resuming, stopping (iterations are micro-batches)."""
 
 
 class ToyData(torch.utils.data.Dataset):
@@ -110,43 +110,34 @@ class ToyNet(nn.Module):
         return self.head(self.backbone(x).flatten(1))
 
 
+POLICIES = {"freeze": FreezePolicy(trainable=("head",)), "unfreeze": FreezePolicy(trainable=("",))}
+
+
 def stage_of(step: int, cfg: ToyConfig) -> str:
     """``freeze`` before the unfreeze step, else ``unfreeze``."""
     return "freeze" if step < cfg.unfreeze_step else "unfreeze"
 
 
-POLICIES = {
-    "freeze": FreezePolicy(trainable=("head",)),
-    "unfreeze": FreezePolicy(trainable=("",)),
-}
-
-
-def main(cfg: ToyConfig) -> int:
-    console = RunConsole()
-    accelerator = make_accelerator(
-        AcceleratorSettings(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.accumulation,
-                            log_with_tensorboard=False),
-        warn=console.warn,
-    )
-    console = RunConsole(is_main=accelerator.is_main_process)
+def main(cfg: ToyConfig, argv: list[str]) -> int:
+    accelerator, console = start_accelerator(AcceleratorSettings(
+        mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.accumulation,
+        log_with_tensorboard=False))
     seed_everything(cfg.seed)
-    run_dir = cfg.run_dir
+    run = RunFolder(cfg.run_dir, accelerator, console)
 
     data = ToyData(cfg.samples)
     sampler = GlobalBatchSampler(len(data), cfg.batch, cfg.seed, accelerator.process_index, accelerator.num_processes)
-    seeder = WorkerSeeder(cfg.seed, accelerator.process_index)
-    loader = torch.utils.data.DataLoader(data, batch_sampler=sampler, num_workers=0, worker_init_fn=seeder)
+    loader = torch.utils.data.DataLoader(data, batch_sampler=sampler, num_workers=0,
+                                         worker_init_fn=WorkerSeeder(cfg.seed, accelerator.process_index))
     micro_per_epoch = len(sampler)
     total_micro = micro_per_epoch * cfg.epochs
     total_steps = total_micro // cfg.accumulation
 
     model = ToyNet()
-    stage = stage_of(0, cfg)
-    trainable = apply_policy(model, POLICIES[stage])
-    optimizer = torch.optim.Adam(
-        [{"params": model.backbone.parameters(), "name": "backbone"}, {"params": model.head.parameters(), "name": "head"}],
-        lr=cfg.lr,
-    )
+    apply_policy(model, POLICIES[stage_of(0, cfg)])
+    # Fused optimizers skip a non-finite step on the device, so the guard needs no host synchronisation.
+    optimizer = torch.optim.Adam([{"params": model.backbone.parameters(), "name": "backbone"},
+                                  {"params": model.head.parameters(), "name": "head"}], lr=cfg.lr, fused=True)
     set_base_lrs(optimizer, [cfg.lr / 2, cfg.lr], [cfg.lr / 100, cfg.lr / 100])
     schedule = Schedule("cosine", total=total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -154,137 +145,91 @@ def main(cfg: ToyConfig) -> int:
     stepper = OptimStep(accelerator, optimizer, model, max_grad_norm=10.0, max_nonfinite=cfg.max_nonfinite,
                         warn=console.warn)
     series = LossSeries(["loss", "mse", "l1", "lr"])
-    checkpoints = ckpt.CheckpointManager(run_dir / "checkpoints", "toy", unit="step", keep_last=cfg.keep_last, width=6)
+    checkpoints = CheckpointManager(cfg.run_dir / "checkpoints", "toy", keep_last=cfg.run.keep_checkpoints, width=6)
+    state = TrainState(accelerator, SCRIPT, checkpoints, stage=stage_of(0, cfg), warn=console.warn, model=model,
+                       optimizer=optimizer, ema=ema, series=series, step_counters=stepper)
 
-    micro = 0  # micro-steps done
-    step = 0  # optimizer steps attempted
-    if cfg.resume != "never":
-        path = checkpoints.latest() if cfg.resume == "auto" else Path(cfg.resume)
-        if path is None:
-            console.print("no checkpoint to resume; starting fresh")
-        else:
-            state = ckpt.load_checkpoint(path)
-            meta = state["meta"]
-            micro, step = meta["micro"], meta["step"]
-            stage = stage_of(step, cfg)
-            if stage == "unfreeze":
-                model, trainable = switch_stage(accelerator, model, POLICIES[stage])
+    # Resume: read the checkpoint, set up the stage its position implies, then restore everything.
+    plan = plan_resume(cfg.resume, checkpoints.paths(), checkpoints.directory, overwrite=cfg.run.overwrite)
+    run.remove(plan.remove, "--overwrite")
+    if plan.action == "resume":
+        checkpoint = state.read(plan.path, cfg.allow)
+        state.stage = stage_of(state.position_of(checkpoint).step, cfg)
+        if state.stage == "unfreeze":
+            model, _ = switch_stage(accelerator, model, POLICIES["unfreeze"])
+            stepper.set_model(model)
+        state.load(checkpoint, plan.path, cfg.allow)
+        console.print(f"resumed from {plan.path} at micro-step {state.position.micro_step}, "
+                      f"optimizer step {state.position.step}")
+    run.open(SCRIPT, cfg, argv)
+
+    preemption = Preemption(accelerator, every=cfg.log_every)
+    position = state.position
+    batches = epoch_batches(loader, position)
+    console.start(total_steps, "toy", completed=position.step)
+    while position.micro_step < total_micro:
+        batch = to_device(next(batches), accelerator.device)
+        apply_schedule(optimizer, schedule, position.step)
+        with accelerator.accumulate(model):
+            with accelerator.autocast():
+                prediction = model(batch["x"]).float()
+            mse = ((prediction - batch["y"]) ** 2).mean()
+            l1 = (prediction - batch["y"]).abs().mean()
+            loss = mse + 0.1 * l1
+            if position.micro_step == cfg.nan_at_step or cfg.nan_always:
+                loss = loss * float("nan")
+            result = stepper(loss)  # backward, clip, step (or skip a non-finite step), zero_grad
+        if cfg.step_sleep:
+            time.sleep(cfg.step_sleep)
+        end_of_epoch = position.next_batch(micro_per_epoch)
+        if result.synced:
+            ema.update(accelerator.unwrap_model(model), result.applied)
+            series.append({"loss": loss.detach(), "mse": mse.detach(), "l1": l1.detach(),
+                           "lr": optimizer.param_groups[1]["lr"]})
+            position.step += 1
+            console.advance(position.step)
+            if stage_of(position.step, cfg) != state.stage:
+                # DDP registers trainable parameters when it wraps: re-wrap so the backbone is synchronised.
+                state.stage = stage_of(position.step, cfg)
+                if cfg.no_rewrap:
+                    apply_policy(accelerator.unwrap_model(model), POLICIES[state.stage])
+                else:
+                    model, _ = switch_stage(accelerator, model, POLICIES[state.stage])
                 stepper.set_model(model)
-            identity = ckpt.RunIdentity(SCRIPT, stage, ckpt.trainable_fingerprint(trainable),
-                                        accelerator.mixed_precision, accelerator.num_processes)
-            ckpt.check_resume(path, meta, identity, cfg.allow)
-            accelerator.unwrap_model(model).load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            ema.load_state_dict(state["ema"], state["ema_updates"])
-            stepper.load_state_dict(state["step_counters"])
-            series.load_state_dict(state["series"], length=step)
-            rank = accelerator.process_index % len(state["rng"])
-            load_accumulation_state(accelerator, model, state["accumulation"][rank])
-            ckpt.restore_rng(state["rng"][rank])
-            console.print(f"resumed from {path} at micro-step {micro}, optimizer step {step}")
-
-    if accelerator.is_main_process:
-        write_run_record(run_dir, "tests/toy_trainer.py", cfg, sys.argv[1:], ["--resume", "{checkpoint}"])
-
-    def save(path_number: int) -> Path | None:
-        series.flush(accelerator)
-        rng = ckpt.gather_rng(accelerator)
-        accumulation = [accumulation_state(accelerator, model)]
-        if accelerator.num_processes > 1:
-            from accelerate.utils import gather_object
-
-            accumulation = list(gather_object(accumulation))
-        path = None
-        if accelerator.is_main_process:
-            state = {
-                "meta": {**ckpt.RunIdentity(SCRIPT, stage, ckpt.trainable_fingerprint(trainable),
-                                            accelerator.mixed_precision, accelerator.num_processes).as_meta(),
-                         "micro": micro, "step": step},
-                "model": accelerator.unwrap_model(model).state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "ema": ema.state_dict(),
-                "ema_updates": ema.updates,
-                "step_counters": stepper.state_dict(),
-                "series": series.state_dict(),
-                "accumulation": accumulation,
-                "rng": rng,
-            }
-            path = checkpoints.save(state, path_number)
-        accelerator.wait_for_everyone()
-        return path
-
-    def dump_mat(epoch: int) -> None:
-        series.flush(accelerator)
-        if accelerator.is_main_process:
-            arrays = series.arrays()
-            save_mat(run_dir / "loss" / f"loss_e{epoch}.mat", {**arrays, "global_batch": cfg.batch})
-
-    preemption = Preemption(accelerator)
-    console.start(total_steps, "toy", completed=step)
-    start_epoch = micro // micro_per_epoch
-    for epoch in range(start_epoch, cfg.epochs):
-        sampler.set_epoch(epoch, start_batch=micro - epoch * micro_per_epoch)
-        seeder.epoch = epoch
-        for batch in loader:
-            batch = to_device(batch, accelerator.device)
-            apply_schedule(optimizer, schedule, step)
-            with accelerator.accumulate(model):
-                with accelerator.autocast():
-                    prediction = model(batch["x"])
-                prediction = prediction.float()
-                mse = ((prediction - batch["y"]) ** 2).mean()
-                l1 = (prediction - batch["y"]).abs().mean()
-                loss = mse + 0.1 * l1
-                if micro == cfg.nan_at_step or cfg.nan_always:
-                    loss = loss * float("nan")
-                result = stepper(loss)
-            micro += 1
-            if cfg.step_sleep:
-                time.sleep(cfg.step_sleep)
-            if result.synced:
-                if result.applied:
-                    ema.update(accelerator.unwrap_model(model))
-                series.append({"loss": loss.detach(), "mse": mse.detach(), "l1": l1.detach(),
-                               "lr": optimizer.param_groups[1]["lr"]})
-                step += 1
-                console.advance(step)
-                if stage_of(step, cfg) != stage:
-                    stage = stage_of(step, cfg)
-                    if cfg.no_rewrap:
-                        trainable = apply_policy(accelerator.unwrap_model(model), POLICIES[stage])
-                    else:
-                        model, trainable = switch_stage(accelerator, model, POLICIES[stage])
-                    stepper.set_model(model)
-            end_of_epoch = micro % micro_per_epoch == 0
-            if end_of_epoch:
-                dump_mat(epoch)
-            stop = cfg.stop_after and micro == cfg.stop_after
-            if end_of_epoch or stop or (cfg.checkpoint_every and micro % cfg.checkpoint_every == 0):
-                save(micro)
-            if stop:
-                console.print(f"stopped after micro-step {micro}")
-                return 0
-            if preemption.should_stop(micro):
-                started = time.perf_counter()
-                path = save(micro)
-                console.print(f"preempted ({preemption.signal_name}): saved {path} in "
-                              f"{time.perf_counter() - started:.2f}s; resume with --resume auto")
-                return PREEMPTED_EXIT_CODE
+            if position.step % cfg.log_every == 0:
+                stepper.check()
+                window = series.flush(accelerator)
+                console.log(position.step, {"loss": float(window["loss"].mean()), "lr": float(window["lr"][-1])})
+        if end_of_epoch:
+            series.flush(accelerator)
+            if accelerator.is_main_process:
+                save_mat(cfg.run_dir / "loss" / f"loss_e{position.epoch - 1}.mat",
+                         {**series.arrays(), "global_batch": cfg.batch})
+        stop = position.micro_step == cfg.run.stop_after
+        every = cfg.run.checkpoint_every and position.micro_step % cfg.run.checkpoint_every == 0
+        if end_of_epoch or every or stop:
+            state.save()
+        if stop:
+            console.print(f"stopped after micro-step {position.micro_step}")
+            return 0
+        if preemption.should_stop(position.step):
+            started = time.perf_counter()
+            path = state.save()
+            console.print(f"preempted ({preemption.signal_name}): saved {path} in "
+                          f"{time.perf_counter() - started:.2f}s; resume with --resume auto")
+            return preemption.exit_code
     console.stop()
+    stepper.check()
     series.flush(accelerator)
-    final = {
-        "model": accelerator.unwrap_model(model).state_dict(),
-        "ema": ema.state_dict(),
-        "optimizer": optimizer.state_dict(),
-    }
-    rank_file = run_dir / f"final_rank{accelerator.process_index}.pth"
-    torch.save(final, rank_file)
+    final = {"model": accelerator.unwrap_model(model).state_dict(), "ema": ema.state_dict(),
+             "optimizer": optimizer.state_dict()}
+    torch.save(final, cfg.run_dir / f"final_rank{accelerator.process_index}.pth")
     if accelerator.is_main_process:
-        (run_dir / "losses.json").write_text(json.dumps(series.arrays()["loss"].tolist()))
+        (cfg.run_dir / "losses.json").write_text(json.dumps(series.arrays()["loss"].tolist()))
     accelerator.end_training()
     return 0
 
 
 if __name__ == "__main__":
-    config = parse(ToyConfig)
-    sys.exit(exit_on_user_error(lambda: main(config)))
+    arguments = sys.argv[1:]
+    sys.exit(exit_on_user_error(lambda: main(parse(ToyConfig, arguments), arguments)))
