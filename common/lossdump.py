@@ -75,6 +75,10 @@ class LossSeries:
             flushed[name] = window[row].copy()
         return flushed
 
+    def tail(self, start: int) -> dict[str, list[float]]:
+        """The host values from step ``start`` on (a log window; cheap, unlike :meth:`arrays` of a long run)."""
+        return {name: self._host[name][start:] for name in self.names}
+
     def arrays(self) -> dict[str, np.ndarray]:
         """The host series as float64 arrays (pending values are not included: flush first)."""
         return {name: np.asarray(self._host[name], dtype=np.float64) for name in self.names}

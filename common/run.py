@@ -141,6 +141,23 @@ def config_to_dict(config: Any) -> Any:
     return config
 
 
+def parameter_fingerprints(accelerator, module) -> list[str]:
+    """SHA-256 of every parameter's name and bytes, one per process in rank order (collective): data-parallel
+    processes must end a stage with identical weights."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, parameter in module.named_parameters():
+        digest.update(name.encode())
+        digest.update(parameter.detach().cpu().contiguous().numpy().tobytes())
+    fingerprints = [digest.hexdigest()]
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        fingerprints = list(gather_object(fingerprints))
+    return fingerprints
+
+
 def user_message(error: BaseException) -> str:
     """The one-line message of a user-facing error; an error re-raised from a data-loader worker carries the
     worker's traceback in its text, of which only the original message is kept."""

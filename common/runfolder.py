@@ -10,12 +10,23 @@ summary that says where the results are and what to run next.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from common.checkpoint import atomic_write_json, make_dirs, remove_orphan_temps
 from common.run import config_to_dict, environment_info
+
+def launcher(num_processes: int) -> list[str]:
+    """How this process was started, as the head of a command line: ``accelerate launch`` (which sets
+    ``ACCELERATE_MIXED_PRECISION`` for its children), ``torchrun``, or plain ``python``."""
+    if "ACCELERATE_MIXED_PRECISION" in os.environ:
+        return ["accelerate", "launch"] + (["--num_processes", str(num_processes)] if num_processes > 1 else [])
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        return ["torchrun", "--nproc_per_node", os.environ.get("LOCAL_WORLD_SIZE", str(num_processes))]
+    return ["python"]
+
 
 class RunFolder:
     """The folder of one run (see the module docstring). Only the main process writes."""
@@ -25,11 +36,18 @@ class RunFolder:
         self.accelerator = accelerator
         self.console = console
         self.is_main = accelerator.is_main_process
+        self.opened = False
 
     def open(self, script: str, config: Any, argv: Sequence[str], resume_args: Sequence[str] = ("--resume", "auto"),
              extra: Mapping[str, Any] | None = None) -> None:
         """Create the folder, remove orphan temporary files, start the console log, write ``config.json`` (the
-        resolved config) and ``run.json`` (script, command line, how to continue it, environment)."""
+        resolved config) and ``run.json`` (script, command line, how to continue it, environment).
+
+        Call it when the run is about to write (a rerun of a finished run changes nothing); only the first call
+        of a process does anything."""
+        if self.opened:
+            return
+        self.opened = True
         if self.is_main:
             make_dirs(self.path)
             removed = remove_orphan_temps(self.path)
@@ -39,6 +57,7 @@ class RunFolder:
                                    f"{self.path}")
             atomic_write_json(self.path / "config.json", config_to_dict(config))
             record = {"script": script, "argv": list(argv), "resume_args": list(resume_args),
+                      "launcher": launcher(self.accelerator.num_processes),
                       "started": time.strftime("%Y-%m-%d %H:%M:%S"), "environment": environment_info(),
                       **(extra or {})}
             atomic_write_json(self.path / "run.json", record)

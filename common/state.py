@@ -121,6 +121,7 @@ class TrainState:
         self.signature: dict = {"strict": {}, "soft": {}}
         self.objects = {name: accelerator.unwrap_model(obj) if isinstance(obj, nn.Module) else obj
                         for name, obj in objects.items()}
+        self._saved: tuple[LoopPosition, Path | None] | None = None
 
     # ------------------------------------------------------------------------------------------------ identity
     @property
@@ -142,6 +143,8 @@ class TrainState:
         path on the main process (None elsewhere).
         """
         accelerator = self.accelerator
+        if path is None and self._saved is not None and self._saved[0] == self.position:
+            return self._saved[1]  # already saved at this position (an epoch end that is also a stop, say)
         for obj in self.objects.values():
             if isinstance(obj, LossSeries):
                 obj.flush(accelerator)
@@ -165,6 +168,8 @@ class TrainState:
             else:
                 written = ckpt.save_checkpoint(path, state)
         accelerator.wait_for_everyone()
+        if path is None:
+            self._saved = (dataclasses.replace(self.position), written)
         return written
 
     def _pack(self, rng: list, accumulation: list | None, extra: dict) -> dict:
@@ -211,7 +216,8 @@ class TrainState:
         checked first; ``force`` accepts strict signature differences, ``allow`` waives identity checks)."""
         ckpt.check_resume(path, state["meta"], self.identity(), allow)
         compare_signature(path, state["meta"].get("signature", {}), self.signature, force, self.warn)
-        self.position = self.position_of(state)
+        for name, value in dataclasses.asdict(self.position_of(state)).items():
+            setattr(self.position, name, value)  # in place: the loop may hold a reference to the position
         for name, obj in self.objects.items():
             if name not in state:
                 raise ckpt.CheckpointError(f"{path} has no {name!r} entry; it was written by another version")

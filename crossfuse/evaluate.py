@@ -6,8 +6,9 @@
   recombined with its own Cr/Cb; colour and gray results are written.
 - Metrics (`common.fusion_metrics.evaluate_triplet`) score the saved uint8 gray F against A = IR and B = VIS luma,
   into `<run>/eval/<dataset>/metrics.{csv,json}`; the averaging baseline rint((A+B)/2) into `metrics_average.*`.
-- When the test folder has the demo's `masks/` (targets, texture), `demo_report.json` records check 16: Qabf above
-  averaging, VIS texture kept (high-pass amplitude and correlation), IR targets standing out from their ring.
+- When the test folder has the demo's `masks/` (targets, texture), `demo_report.json` records the demo quality gate:
+  Qabf above averaging, VIS texture kept (high-pass amplitude and correlation), IR targets standing out from
+  their ring; `eval/<dataset>/samples.png` shows IR | VIS | average | fused for the first pairs.
 """
 
 from __future__ import annotations
@@ -21,17 +22,19 @@ from PIL import Image
 
 from common.checkpoint import atomic_write_json, file_sha256
 from common.console import RunConsole
+from common.errors import UserError
 from common.fusion_metrics import FusionMetricConfig, resolve_metrics, summarize, write_results
 from common.ivif.data import discover_file_pairs
 from common.ivif.evaluation import (FusedPair, average_fusion, beats_average, print_comparison, quality_report,
-                                    read_test_pair, recolour, score, write_means)
+                                    read_test_pair, recolour, save_fusion_grid, score, write_means)
+from common.preempt import Preemption
 from crossfuse.config import CrossFuseConfig
 from crossfuse.inference import fuse_images, quantize
-from crossfuse.training import LAYOUTS, experiment_dir, model_epochs, model_paths
+from crossfuse.stages import LAYOUTS, experiment_dir, model_epochs, model_paths
 from crossfuse.weights import autoencoder_from_file, fusion_net_from_file
 
 
-class EvaluationError(Exception):
+class EvaluationError(UserError):
     """Weights for evaluation cannot be found; the message says which flag to set."""
 
 
@@ -145,26 +148,36 @@ def evaluation_current(cfg: CrossFuseConfig, weights: FusionWeights) -> bool:
 
 
 def evaluate(cfg: CrossFuseConfig, weights: FusionWeights, device, console: RunConsole, with_metrics: bool = True,
-             started: float | None = None) -> dict:
-    """Fuse `--eval.root` and, with `with_metrics`, score it (and the baseline); returns the summary written."""
+             started: float | None = None, stop: Preemption | None = None) -> dict:
+    """Fuse `--eval.root`, draw the sample grid and, with `with_metrics`, score it (and the baseline).
+
+    Returns the summaries written, the result files (`files`) and commands worth running next (`next`). A stop
+    signal (`stop`) ends it between images with `Preempted` (exit 75 or 130); the next run repeats it.
+    """
+    check = stop.raise_if_requested if stop is not None else None
     pairs = fuse_folder(cfg, weights, device, console)
-    if not with_metrics:
-        return {"fused": len(pairs)}
-    metrics = resolve_metrics(cfg.eval.metrics or None)
     eval_dir = weights.run_dir / "eval" / dataset_name(cfg)
-    fused_rows = score([(p.name, p.fused, p.ir, p.vi) for p in pairs], metrics)
+    grid = save_fusion_grid(eval_dir / "samples.png", pairs)
+    files = {"fused images": output_folder(cfg, weights), "sample grid": grid}
+    next_steps = [f"python train_end_to_end.py --mode evaluate --eval.root YOUR_TEST_PAIRS --eval.run {weights.run_dir}",
+                  f"tensorboard --logdir {weights.run_dir / 'tensorboard'}"]
+    if not with_metrics:
+        return {"fused": len(pairs), "files": files, "next": next_steps}
+    metrics = resolve_metrics(cfg.eval.metrics or None)
+    fused_rows = score([(p.name, p.fused, p.ir, p.vi) for p in pairs], metrics, check)
     masks_dir = Path(cfg.eval.root) / "masks"
     want_average = cfg.eval.baseline == "average" or masks_dir.is_dir()
     average_rows = {}
     if want_average:
-        average_rows = score([(p.name, average_fusion(p.ir, p.vi), p.ir, p.vi) for p in pairs], metrics)
+        average_rows = score([(p.name, average_fusion(p.ir, p.vi), p.ir, p.vi) for p in pairs], metrics, check)
     extra = {"tag": weights.tag, "epoch": weights.epoch, "weights": weights.describe(), "quantize": cfg.eval.quantize,
              "dataset": str(cfg.eval.root)}
     if average_rows:
         extra["beats_average"] = beats_average(summarize(fused_rows, metrics)[0], summarize(average_rows, metrics)[0])
     summary = write_results(eval_dir / "metrics.csv", fused_rows, FusionMetricConfig(), metrics, extra=extra)
     console.print(f"metrics of {len(pairs)} pairs: {eval_dir / 'metrics.csv'}")
-    result = {"fused": summary}
+    files["metrics"] = eval_dir / "metrics.csv"
+    result = {"fused": summary, "files": files, "next": next_steps}
     if cfg.eval.baseline == "average":
         result["average"] = write_results(eval_dir / "metrics_average.csv", average_rows, FusionMetricConfig(), metrics,
                                           extra={"baseline": "rint((A+B)/2)", "dataset": str(cfg.eval.root)})
@@ -176,10 +189,11 @@ def evaluate(cfg: CrossFuseConfig, weights: FusionWeights, device, console: RunC
                   **report, "metrics": {"fused": summary["means"],
                                         "average": write_means(average_rows, metrics)}}
         atomic_write_json(weights.run_dir / "demo_report.json", report)
-        for name, check in report["checks"].items():
-            console.print(f"check 16 {name}: fused {check['fused']:.4f} (average {check['average']:.4f}), "
-                          f"required {check['required']:.4f}: {'pass' if check['passed'] else 'FAIL'}")
+        for name, gate in report["checks"].items():
+            console.print(f"demo gate {name}: fused {gate['fused']:.4f} (average {gate['average']:.4f}), "
+                          f"required {gate['required']:.4f}: {'pass' if gate['passed'] else 'FAIL'}")
         verdict = "passed" if report["passed"] else "FAILED"
         console.print(f"demo quality {verdict}: {weights.run_dir / 'demo_report.json'}")
+        files["demo report"] = weights.run_dir / "demo_report.json"
         result["report"] = report
     return result

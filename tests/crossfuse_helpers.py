@@ -13,7 +13,8 @@ from tests.kit_helpers import ROOT, env
 TRAINER = ROOT / "train_end_to_end.py"
 # A shortened demo: 24 pairs at 32x32, batch 4 -> 6 iterations per epoch, 2 epochs; log windows of 4 iterations,
 # so every epoch ends with a partial window (4, 6 | 8, 12), and no TensorBoard unless a test asks for it.
-TINY = ("--epochs", "2", "--train-num", "24", "--height", "32", "--width", "32", "--step", "4", "--no-tensorboard")
+TINY = ("--epochs", "2", "--train-num", "24", "--height", "32", "--width", "32", "--step", "4", "--no-tensorboard",
+        "--save-every", "1", "--checkpoint-every", "0")
 ITERS_PER_EPOCH = 6
 CTIME = r".{24}"
 POSITION = r"Epoch (?P<epoch>\d+)/(?P<epochs>\d+) - Batch (?P<batch>\d+)/(?P<iters>\d+)"

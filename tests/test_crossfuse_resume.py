@@ -48,7 +48,7 @@ def test_resume_mid_epoch_and_at_epoch_end_is_bitwise_exact(tmp_path, data, refe
     assert "stopped after iteration 1" in first.stdout
     assert not (save_dir / "end_to_end" / "end_to_end_fusion_epoch_1.model").exists()
     after_one_step = load_checkpoint(find_latest(save_dir / "end_to_end", "end-to-end"))
-    assert after_one_step["meta"]["step"] == 1
+    assert after_one_step["meta"]["position"]["step"] == 1
     temperatures = [v for k, v in after_one_step["model"].items() if k.endswith(".attn.temperature")]
     cam_lr = after_one_step["optimizer"]["param_groups"][2]["lr"]
     assert len(temperatures) == 2 and cam_lr == pytest.approx(1e-3)
@@ -74,7 +74,7 @@ def test_rerun_of_a_finished_run_changes_nothing_and_never_is_refused(data, refe
     assert outputs(reference["run"]) == before
     refused = run_trainer(reference["save"], data, *NO_EVAL, "--resume", "never", check=False)
     assert refused.returncode == 2
-    assert refused.stderr.startswith("error: ") and "--resume-force" in refused.stderr
+    assert refused.stderr.startswith("error: ") and "--overwrite" in refused.stderr
     assert "Traceback" not in refused.stderr
     changed_model = run_trainer(reference["save"], data, *NO_EVAL, "--no-learnable-temperature", check=False)
     assert changed_model.returncode == 2 and "learnable_temperature" in changed_model.stderr

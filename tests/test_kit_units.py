@@ -325,13 +325,14 @@ def test_resume_training_prints_and_launches(tmp_path):
     shown = subprocess.run([*script, str(run_dir)], capture_output=True, text=True, env=env(), cwd=ROOT)
     assert shown.returncode == 0
     assert "toy_step_000005.pth" in shown.stdout
-    assert "tests/toy_trainer.py --run-dir" in shown.stdout and "--resume" in shown.stdout
+    assert "python tests/toy_trainer.py --run-dir" in shown.stdout and "--resume auto" in shown.stdout
+    assert "--stop-after" not in shown.stdout
     missing = subprocess.run([*script, str(tmp_path / "nope")], capture_output=True, text=True, env=env(), cwd=ROOT)
     assert missing.returncode == 2 and "does not exist" in missing.stderr
     import resume_training
 
-    command = resume_training.generic_command(run_dir, ckpt.find_latest(run_dir))
-    launched = subprocess.run([sys.executable, *command[2:]], capture_output=True, text=True, env=env(), cwd=ROOT)
+    command = resume_training.continue_command(run_dir / "run.json", ["--resume", "auto"], [])
+    launched = subprocess.run([sys.executable, *command[1:]], capture_output=True, text=True, env=env(), cwd=ROOT)
     assert launched.returncode == 0 and "resumed from" in launched.stdout
 
 
