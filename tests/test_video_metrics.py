@@ -126,6 +126,16 @@ def test_cdc_closed_forms():
     assert vm.cdc(alternating) == pytest.approx(0.23104906, abs=1e-8)
 
 
+def test_cdc_equals_the_direct_formula_with_scipy_js(rng):
+    from scipy.spatial.distance import jensenshannon
+
+    frames = random_frames(rng, 7, 6, 5)  # small frames: sparse, clearly different histograms
+    histograms = [[np.bincount(frame[..., c].ravel(), minlength=256) / 30.0 for c in range(3)] for frame in frames]
+    per_channel = [sum(np.mean([jensenshannon(histograms[i][c], histograms[i + gap][c]) ** 2
+                                for i in range(7 - gap)]) for gap in (1, 2, 4)) / 3 for c in range(3)]
+    assert vm.cdc(frames) == pytest.approx(np.mean(per_channel), abs=1e-12)
+
+
 def test_cdc_short_video_renormalises_the_gaps_with_a_warning(rng):
     frames = random_frames(rng, 3, 16, 16)
     histograms = [vm.channel_histograms(frame) for frame in frames]
@@ -170,6 +180,15 @@ def test_warp_error_video_calls_the_flow_forward_in_time():
     assert vm.warp_error(frames, flow="tests.test_video_metrics:centroid_flow") <= 1e-12
     differences = [np.mean((b / 255.0 - a / 255.0) ** 2) for a, b in zip(frames, frames[1:])]
     assert vm.warp_error(frames, flow="zero") == pytest.approx(np.mean(differences), rel=1e-12)
+
+
+def test_warp_error_video_skips_occluded_pixels():
+    frames = moving_patch_video(3)
+
+    def subpixel_flow(img1, img2):  # 0.72 px both ways: every pixel fails the forward-backward check
+        return np.full((*img1.shape[:2], 2), (0.72, 0.0), dtype=np.float32)
+
+    assert vm.warp_error(frames, flow=subpixel_flow) == 0.0
 
 
 def test_mask_out_of_frame_drops_targets_outside():
