@@ -54,11 +54,16 @@ class PerceptualWarning(UserWarning):
     """A perceptual metric is omitted, undefined, or computed on too few samples."""
 
 
-def _load_state_dict(path: str | Path, what: str) -> dict[str, torch.Tensor]:
-    """A tensor dict from ``path`` (``weights_only``, on the CPU); errors name the file."""
+def _require_file(path: str | Path, what: str) -> Path:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{what} file {path} does not exist")
+    return path
+
+
+def _load_state_dict(path: str | Path, what: str) -> dict[str, torch.Tensor]:
+    """A tensor dict from ``path`` (``weights_only``, on the CPU); errors name the file."""
+    path = _require_file(path, what)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # corrupt zip, pickled objects, truncation: all mean "not a usable state dict"
@@ -182,12 +187,12 @@ def load_lpips(backbone: str | Path | None, heads: str | Path | None = None,
     if backbone is None:
         raise WeightsUnavailable("LPIPS omitted: no AlexNet backbone file (pass --lpips-backbone with a "
                                  "torchvision AlexNet state dict; nothing is downloaded)")
+    model = LPIPS()
+    model.load_backbone(backbone)  # a given file must be valid even when the heads are missing
     heads = heads if heads is not None else find_packaged_heads()
     if heads is None:
         raise WeightsUnavailable("LPIPS omitted: no heads file (pass --lpips-heads with the lpips package's "
                                  "weights/v0.1/alex.pth, or install lpips or torchmetrics)")
-    model = LPIPS()
-    model.load_backbone(backbone)
     model.load_heads(heads)
     return model.to(device)
 
@@ -259,6 +264,7 @@ def load_fid_inception(weights: str | Path | None, device: str | torch.device = 
     if weights is None:
         raise WeightsUnavailable("FID omitted: no Inception weights file (pass --fid-weights with pytorch-fid's "
                                  "pt_inception-2015-12-05-6726825d.pth; nothing is downloaded)")
+    _require_file(weights, "FID Inception weights")  # before FidInception() can report pytorch-fid missing
     model = FidInception()
     model.load_weights(weights)
     return model.to(device)
