@@ -54,6 +54,8 @@ COLUMNS = {"psnr": "PSNR", "ssim": "SSIM", "lpips": "LPIPS", "colorfulness": "co
 """Metric name -> CSV column."""
 VIDEO_COLUMNS = ("PSNR", "SSIM", "LPIPS", "colorfulness", "CDC", "warp_error")
 """Per-video columns in CSV order (after ``video,n_frames``); FID follows, in the mean row only."""
+FRAME_MEAN_COLUMNS = ("PSNR", "SSIM", "LPIPS", "colorfulness")
+"""Columns that are means of per-frame values (CDC and warp error are computed over frame pairs)."""
 FLOOR_COLUMNS = ("colorfulness", "CDC", "warp_error")
 """Columns of the optional ``gt`` row: the GT's own values, a floor for the prediction's."""
 CDC_GAPS = (1, 2, 4)
@@ -479,11 +481,11 @@ class _VideoScorer:
         self.evaluator = evaluator
         metrics = evaluator.metrics
         self.columns = evaluator.columns
-        self.sums = dict.fromkeys((*self.columns, *(f"gt_{c}" for c in FLOOR_COLUMNS)), 0.0)
+        self.sums = dict.fromkeys((*(c for c in FRAME_MEAN_COLUMNS if c in self.columns), "gt_colorfulness"), 0.0)
         self.n_frames = 0
-        floor = evaluator.gt_floor
-        self.cdc = [CdcAccumulator() for _ in range(2 if floor else 1)] if "cdc" in metrics else []
-        self.warp = (WarpErrorAccumulator(evaluator.flow, evaluator.config.mask_out_of_frame, 2 if floor else 1)
+        sequences = 2 if evaluator.gt_floor else 1  # the prediction, then the GT scored as its own floor
+        self.cdc = [CdcAccumulator() for _ in range(sequences)] if "cdc" in metrics else []
+        self.warp = (WarpErrorAccumulator(evaluator.flow, evaluator.config.mask_out_of_frame, sequences)
                      if "warp" in metrics else None)
         self.shape: tuple[int, ...] | None = None
 
@@ -537,24 +539,17 @@ class _VideoScorer:
         frames = self.n_frames
         if frames == 0:
             raise ValueError("a video without frames cannot be scored")
-        row: dict[str, float] = {"n_frames": frames}
-        floor: dict[str, float] = {"n_frames": frames}
-        cdc_values = [accumulator.value() for accumulator in self.cdc]
-        warp_values = self.warp.values() if self.warp is not None else []
-        for column in self.columns:
-            if column == "CDC":
-                row[column] = cdc_values[0]
-            elif column == "warp_error":
-                row[column] = warp_values[0]
-            else:
-                row[column] = self.sums[column] / frames
+        values = {column: total / frames for column, total in self.sums.items()}
+        per_sequence = (("CDC", [accumulator.value() for accumulator in self.cdc]),
+                        ("warp_error", self.warp.values() if self.warp is not None else []))
+        for column, sequence_values in per_sequence:
+            for prefix, value in zip(("", "gt_"), sequence_values):
+                values[prefix + column] = value
+        row = {"n_frames": frames, **{column: values[column] for column in self.columns}}
         if not self.evaluator.gt_floor:
             return row, None
-        for column in FLOOR_COLUMNS:
-            if column in self.columns:
-                floor[column] = {"colorfulness": self.sums["gt_colorfulness"] / frames,
-                                 "CDC": cdc_values[-1], "warp_error": warp_values[-1]}[column]
-        return row, floor
+        return row, {"n_frames": frames, **{column: values[f"gt_{column}"] for column in FLOOR_COLUMNS
+                                            if column in self.columns}}
 
 
 class VideoEvaluator:
@@ -576,9 +571,9 @@ class VideoEvaluator:
         self.gt_floor = gt_floor
         needed = [name for name in ("lpips", "fid") if name in self.metrics]
         if perceptual is None:
-            c = self.config
-            perceptual = (PerceptualModels.load(needed, c.lpips_backbone, c.lpips_heads, c.fid_weights, c.device)
-                          if needed else PerceptualModels())
+            files = self.config
+            perceptual = (PerceptualModels.load(needed, files.lpips_backbone, files.lpips_heads, files.fid_weights,
+                                                files.device) if needed else PerceptualModels())
         self.perceptual = perceptual
         self.omitted = {COLUMNS[name]: perceptual.omitted.get(COLUMNS[name], f"no {COLUMNS[name]} model given")
                         for name in needed if getattr(perceptual, name) is None}
