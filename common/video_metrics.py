@@ -43,8 +43,13 @@ import numpy as np
 import scipy
 import torch
 import torch.nn.functional as functional
+from scipy.special import rel_entr
 
+from common.checkpoint import atomic_write_json, atomic_write_text
+from common.errors import ConfigError, DataError, UserError
+from common.frames import list_frames, natural_key
 from common.fusion_metrics import FusionMetricWarning, format_value, json_number, psnr, quantize, ssim, summarize
+from common.images import IMAGE_EXTENSIONS, image_size, read_image, rgb_to_luma
 from common.perceptual import LPIPS_MIN_SIDE, PerceptualModels, RunningGaussian, fid
 
 METRICS = ("psnr", "ssim", "lpips", "colorfulness", "cdc", "warp", "fid")
@@ -141,16 +146,12 @@ def channel_histograms(frame: np.ndarray) -> np.ndarray:
     return np.stack([np.bincount(rgb[..., channel].ravel(), minlength=256) for channel in range(3)]) / pixels
 
 
-def _kl_to_mixture(p: np.ndarray, mixture: np.ndarray) -> np.ndarray:
-    safe = np.where(p > 0, p, 1.0)  # 0 log 0 = 0; where p > 0 the mixture is positive too
-    return np.sum(np.where(p > 0, p * np.log(safe / np.where(p > 0, mixture, 1.0)), 0.0), axis=-1)
-
-
 def js_divergence(p: np.ndarray, q: np.ndarray) -> np.ndarray:
     """Jensen-Shannon divergence in nats along the last axis: KL(p||m)/2 + KL(q||m)/2, m = (p + q)/2."""
     p, q = np.asarray(p, dtype=np.float64), np.asarray(q, dtype=np.float64)
     mixture = 0.5 * (p + q)
-    return 0.5 * _kl_to_mixture(p, mixture) + 0.5 * _kl_to_mixture(q, mixture)
+    # rel_entr is p log(p/m) with 0 log 0 = 0; m > 0 wherever p > 0 or q > 0.
+    return 0.5 * np.sum(rel_entr(p, mixture), axis=-1) + 0.5 * np.sum(rel_entr(q, mixture), axis=-1)
 
 
 class CdcAccumulator:
@@ -206,8 +207,6 @@ def zero_flow(img1: np.ndarray, img2: np.ndarray) -> np.ndarray:
 
 
 def _gray8(rgb01: np.ndarray) -> np.ndarray:
-    from common.images import rgb_to_luma
-
     return quantize(rgb_to_luma(rgb01))
 
 
@@ -252,8 +251,6 @@ def resolve_flow(flow: str | FlowFunction) -> FlowModel:
     Raises:
         ConfigError: an unknown name, or a ``MODULE:FUNC`` that cannot be imported.
     """
-    from common.errors import ConfigError
-
     if callable(flow):
         name = f"{flow.__module__}:{getattr(flow, '__qualname__', type(flow).__name__)}"
         return FlowModel(name, flow, {"name": name, "kind": "callable"})
@@ -577,8 +574,8 @@ class VideoEvaluator:
         self.perceptual = perceptual
         self.omitted = {COLUMNS[name]: perceptual.omitted.get(COLUMNS[name], f"no {COLUMNS[name]} model given")
                         for name in needed if getattr(perceptual, name) is None}
-        self.columns = tuple(COLUMNS[name] for name in self.metrics
-                             if name != "fid" and COLUMNS[name] not in self.omitted)
+        requested = {COLUMNS[name] for name in self.metrics} - set(self.omitted)
+        self.columns = tuple(column for column in VIDEO_COLUMNS if column in requested)
         self.flow = resolve_flow(self.config.flow) if "warp" in self.metrics else None
         self.fid_statistics = ((RunningGaussian(), RunningGaussian())
                                if "fid" in self.metrics and perceptual.fid is not None else None)
@@ -670,8 +667,6 @@ class VideoEvaluator:
         The ``mean`` row's n_frames is the total; FID appears in the mean row only; the ``gt`` row (with
         ``gt_floor``) fills colorfulness, CDC and warp_error and leaves the other cells empty.
         """
-        from common.frames import natural_key
-
         fid_value = self.fid()
         header = ["video", "n_frames", *self.columns, *(["FID"] if fid_value is not None else [])]
         text = io.StringIO()
@@ -695,8 +690,6 @@ class VideoEvaluator:
 
         Returns the summary (with ``extra`` merged in).
         """
-        from common.checkpoint import atomic_write_json, atomic_write_text
-
         csv_path = Path(csv_path)
         summary = {**self.summary(), **(extra or {})}
         atomic_write_text(csv_path, self.csv_text())
@@ -771,8 +764,6 @@ class VideoMetricsArgs:
 
 
 def _video_folders(root: Path, what: str) -> dict[str, Path]:
-    from common.errors import DataError
-
     if not root.is_dir():
         raise DataError(f"{what} folder {root} does not exist")
     folders = {path.name: path for path in root.iterdir() if path.is_dir() and not path.name.startswith(".")}
@@ -783,10 +774,6 @@ def _video_folders(root: Path, what: str) -> dict[str, Path]:
 
 def _match_videos(args: VideoMetricsArgs) -> list[tuple[str, list[Path], list[Path], list[Path] | None]]:
     """Per video, the paired frame files; every mismatch is one :class:`DataError` naming the files."""
-    from common.errors import DataError
-    from common.frames import list_frames, natural_key
-    from common.images import IMAGE_EXTENSIONS, image_size
-
     roots = {"pred": args.pred, "GT": args.gt, **({"input": args.input} if args.input is not None else {})}
     folders = {what: _video_folders(root, what) for what, root in roots.items()}
     names = set(folders["pred"])
@@ -821,16 +808,12 @@ def _match_videos(args: VideoMetricsArgs) -> list[tuple[str, list[Path], list[Pa
 
 
 def _read_rgb(paths: Sequence[Path]) -> Iterable[np.ndarray]:
-    from common.images import read_image
-
     for path in paths:
         frame = read_image(path, high_bit_depth="reject")
         yield frame if frame.ndim == 3 else np.repeat(frame[..., None], 3, axis=2)
 
 
 def _read_any(paths: Sequence[Path]) -> Iterable[np.ndarray]:
-    from common.images import read_image
-
     for path in paths:
         yield read_image(path, high_bit_depth="reject")
 
@@ -855,9 +838,6 @@ def run(args: VideoMetricsArgs) -> dict:
     """
     from rich.console import Console
     from rich.table import Table
-
-    from common.errors import ConfigError
-    from common.frames import natural_key
 
     metrics = resolve_metrics(args.metrics)
     if "warp" in metrics and args.config.flow_source == "input" and args.input is None:
@@ -892,8 +872,6 @@ def run(args: VideoMetricsArgs) -> dict:
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line entry; returns the exit code (2 for bad input, with one message on stderr)."""
     import tyro
-
-    from common.errors import UserError
 
     args = tyro.cli(VideoMetricsArgs, args=argv, config=(tyro.conf.OmitArgPrefixes,))
     try:
