@@ -574,8 +574,9 @@ class VideoEvaluator:
         self.perceptual = perceptual
         self.omitted = {COLUMNS[name]: perceptual.omitted.get(COLUMNS[name], f"no {COLUMNS[name]} model given")
                         for name in needed if getattr(perceptual, name) is None}
-        requested = {COLUMNS[name] for name in self.metrics} - set(self.omitted)
-        self.columns = tuple(column for column in VIDEO_COLUMNS if column in requested)
+        # The requested metrics that run: LPIPS or FID without their network are omitted.
+        self.computed = tuple(name for name in self.metrics if COLUMNS[name] not in self.omitted)
+        self.columns = tuple(column for column in VIDEO_COLUMNS if column in {COLUMNS[n] for n in self.computed})
         self.flow = resolve_flow(self.config.flow) if "warp" in self.metrics else None
         self.fid_statistics = ((RunningGaussian(), RunningGaussian())
                                if "fid" in self.metrics and perceptual.fid is not None else None)
@@ -651,8 +652,8 @@ class VideoEvaluator:
         if self.gt_floor:
             summary["gt_floor"] = {column: json_number(value) for column, value in self.floor_means().items()}
         summary["omitted"] = dict(self.omitted)
-        summary["conventions"] = conventions(self.config, self.metrics)
-        summary["conventions_line"] = conventions_line(self.config, self.metrics)
+        summary["conventions"] = conventions(self.config, self.computed)
+        summary["conventions_line"] = conventions_line(self.config, self.computed)
         if self.flow is not None:
             summary["flow"] = {**self.flow.description, "source": self.config.flow_source,
                                "mask_out_of_frame": self.config.mask_out_of_frame}

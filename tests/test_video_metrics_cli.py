@@ -94,6 +94,7 @@ def test_gt_row_input_flows_and_omitted_columns(scored, tmp_path, capsys):
     summary = json.loads(out.with_suffix(".json").read_text())
     assert summary["flow"]["source"] == "input"
     assert set(summary["omitted"]) == {"LPIPS", "FID"}
+    assert set(summary["conventions"]) == set(HEADER[2:])
     assert "gt_floor" in summary
     error = capsys.readouterr().err
     assert "LPIPS omitted" in error and "FID omitted" in error
