@@ -273,40 +273,37 @@ def load_fid_inception(weights: str | Path | None, device: str | torch.device = 
 class RunningGaussian:
     """Streaming mean and covariance (N - 1) of feature vectors in float64, by Chan's pairwise merge.
 
-    ``dim`` (the feature size) is taken from the first batch unless given.
+    The feature size is set by the first batch.
     """
 
-    def __init__(self, dim: int | None = None) -> None:
+    def __init__(self) -> None:
         self.count = 0
-        self.mean = np.zeros(dim or 0, dtype=np.float64)
-        self._scatter = np.zeros((dim or 0, dim or 0), dtype=np.float64)  # sum of outer products of deviations
+        self.mean = np.zeros(0)
+        self._scatter = np.zeros((0, 0))  # sum of outer products of the deviations from the mean
 
     def update(self, features: np.ndarray | torch.Tensor) -> None:
         """Add a batch of ``[N, dim]`` feature vectors."""
         if isinstance(features, torch.Tensor):
             features = features.detach().cpu().numpy()
         batch = np.asarray(features, dtype=np.float64)
-        if batch.ndim != 2 or (self.mean.size and batch.shape[1] != self.mean.size):
-            raise ValueError(f"expected [N, {self.mean.size or 'dim'}] features, got {batch.shape}")
-        if batch.shape[0] == 0:
-            return
-        if self.count == 0 and self.mean.size != batch.shape[1]:
-            self.__init__(batch.shape[1])
-        batch_mean = batch.mean(axis=0)
-        centred = batch - batch_mean
-        self._merge(batch.shape[0], batch_mean, centred.T @ centred)
+        if batch.ndim != 2:
+            raise ValueError(f"expected [N, dim] features, got {batch.shape}")
+        if batch.shape[0]:
+            batch_mean = batch.mean(axis=0)
+            centred = batch - batch_mean
+            self._merge(batch.shape[0], batch_mean, centred.T @ centred)
 
     def merge(self, other: RunningGaussian) -> None:
         """Add another accumulator's samples (e.g. gathered from another process)."""
-        if other.count == 0:
-            return
-        if self.count == 0:
-            self.__init__(other.mean.size)
-        elif other.mean.size != self.mean.size:
-            raise ValueError(f"cannot merge {other.mean.size}-d statistics into {self.mean.size}-d ones")
-        self._merge(other.count, other.mean, other._scatter)
+        if other.count:
+            self._merge(other.count, other.mean, other._scatter)
 
     def _merge(self, count: int, mean: np.ndarray, scatter: np.ndarray) -> None:
+        if self.count == 0:
+            self.count, self.mean, self._scatter = count, mean.copy(), scatter.copy()
+            return
+        if mean.size != self.mean.size:
+            raise ValueError(f"cannot add {mean.size}-d features to {self.mean.size}-d statistics")
         total = self.count + count
         delta = mean - self.mean
         self._scatter += scatter + np.outer(delta, delta) * (self.count * count / total)

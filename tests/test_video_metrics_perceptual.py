@@ -209,6 +209,8 @@ def test_running_gaussian_equals_numpy_over_batches():
     second.update(np.concatenate(batches[2:]))
     first.merge(second)
     np.testing.assert_allclose(first.covariance, np.cov(everything, rowvar=False), rtol=1e-10)
+    with pytest.raises(ValueError, match="6-d features to 7-d"):
+        first.update(np.zeros((2, 6)))
 
 
 class ColourStatistics(nn.Module):
