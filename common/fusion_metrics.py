@@ -817,7 +817,8 @@ def format_value(value: float) -> str:
     return "%.10g" % value
 
 
-def _json_number(value: float) -> float | str | None:
+def json_number(value: float) -> float | str | None:
+    """A float for JSON: NaN as null, infinities as "inf" / "-inf" (JSON has no literal for either)."""
     if math.isnan(value):
         return None
     if math.isinf(value):
@@ -847,7 +848,7 @@ def write_results(csv_path: str | Path, rows: dict[str, dict[str, float]], confi
     summary = {
         "n_images": len(rows),
         "metrics": list(metrics),
-        "means": {metric: _json_number(means[metric]) for metric in metrics},
+        "means": {metric: json_number(means[metric]) for metric in metrics},
         "nan_counts": nan_counts,
         **asdict(config),
         "conventions": conventions_line(config),
