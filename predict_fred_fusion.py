@@ -19,20 +19,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 from common.checkpoint import atomic_write_json
 from common.cli import parse
+from common.run import exit_on_user_error
 from fred.augment import letterbox
 from fred.dataset import load_frame
 from fred.decode import detect
+from fred.draw import draw_boxes
 from fred.index import event_frames, mutual_pairs, rgb_frames, rgb_times
 from fred.model import build_model_from_meta
-from fred.training import exit_on_fred_error, read_sidecar
+from fred.outputs import read_sidecar
 from fred.weights import WeightsError, load_strict
 
 GREY = (128, 128, 128)
-BOX_COLOUR = (255, 220, 0)
 
 
 @dataclass(frozen=True)
@@ -102,17 +103,6 @@ def input_tensor(image: Image.Image | None, size: tuple[int, int], input_shape, 
     return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))[None].to(device)
 
 
-def draw(image: Image.Image, detections: np.ndarray, names: list[str]) -> Image.Image:
-    """Boxes labelled ``drone 0.87`` (PIL default font) on a copy of ``image``."""
-    canvas = image.copy()
-    pen = ImageDraw.Draw(canvas)
-    font = ImageFont.load_default()
-    for x1, y1, x2, y2, score, label in detections.tolist():
-        pen.rectangle([x1, y1, x2, y2], outline=BOX_COLOUR, width=1)
-        pen.text((x1, max(y1 - 11, 0)), f"{names[int(label)]} {score:.2f}", fill=BOX_COLOUR, font=font)
-    return canvas
-
-
 @torch.no_grad()
 def predict(cfg: PredictConfig) -> list[dict]:
     """Run the model on the requested frames; write PNGs and predictions.json; return the prediction records."""
@@ -126,6 +116,7 @@ def predict(cfg: PredictConfig) -> list[dict]:
         raise WeightsError("nothing to predict: pass --sequence DIR, or --rgb FILE and/or --event FILE")
     cfg.out.mkdir(parents=True, exist_ok=True)
     records = []
+    best_score = 0.0
     for image_id, (rgb_path, event_path) in enumerate(frames):
         reference = rgb_path or event_path
         with Image.open(reference) as probe:
@@ -141,7 +132,9 @@ def predict(cfg: PredictConfig) -> list[dict]:
             outputs = model(rgb_input if modality == "rgb" else event_input)
         found = detect(outputs, input_shape, [(size[1], size[0])], conf_thres=cfg.conf, nms_iou=cfg.nms)[0]
         found = found.cpu().numpy()
-        panels = [draw(image if image is not None else Image.new("RGB", size, GREY), found, names)
+        top = detect(outputs, input_shape, [(size[1], size[0])], conf_thres=0.0, nms_iou=cfg.nms, max_det=1)[0]
+        best_score = max(best_score, float(top[0, 4]) if len(top) else 0.0)
+        panels = [draw_boxes(image if image is not None else Image.new("RGB", size, GREY), found, names)
                   for image in (rgb, event)]
         sheet = Image.new("RGB", (2 * size[0], size[1]))
         sheet.paste(panels[0], (0, 0))
@@ -154,6 +147,9 @@ def predict(cfg: PredictConfig) -> list[dict]:
                             "event_file": str(event_path) if event_path else None})
     atomic_write_json(cfg.out / "predictions.json", records)
     print(f"{len(frames)} frames, {len(records)} detections -> {cfg.out}")
+    if not records and frames:
+        print(f"no detection scored --conf {cfg.conf} or more (best score {best_score:.2f}); a model trained briefly "
+              f"(the demo) scores lower: try --conf {max(round(best_score * 0.8, 2), 0.01)}")
     return records
 
 
@@ -197,4 +193,4 @@ def main(cfg: PredictConfig) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(exit_on_fred_error(lambda: main(parse(PredictConfig))))
+    sys.exit(exit_on_user_error(lambda: main(parse(PredictConfig))))

@@ -1,288 +1,254 @@
-"""Train an RGB + Event YOLOv5 (v5.0) drone detector on FRED (spec/fred.md).
+"""Train an RGB + Event YOLOv5 (v5.0) drone detector on FRED.
 
 FRED (Magrini et al., "FRED: The Florence RGB-Event Drone Dataset", arXiv:2506.05163) pairs RGB video with event
 camera frames of flying drones. ``--modality dual`` (default) trains two CSPDarknet backbones, one per stream, fused
 at three feature levels (concat, add or channel attention) in front of bubbliiiing's YOLOv5 v5.0 neck and heads;
 ``--modality rgb`` / ``event`` train a plain single-stream YOLOv5. Training runs bubbliiiing's two stages in one
-loop over epochs: backbones frozen for ``freeze_epoch`` epochs, then everything trains at the unfreeze batch.
-Without a data root, the generated demo dataset and the demo preset are used (about 3 minutes on 2 CPU cores).
+loop: backbones frozen for ``freeze_epoch`` epochs, then everything trains at the unfreeze batch. Without a data
+root, the generated demo dataset and the demo preset are used (about 3 minutes on 2 CPU cores).
 
     python train_fred_fusion.py                                   # demo: generate, train, evaluate
     accelerate launch train_fred_fusion.py --fred-root /data/FRED # paper settings (YOLOv5-m, 640², 300 epochs)
     python train_fred_fusion.py --fred-root /data/FRED --modality rgb --phi s --quick-test
-    python train_fred_fusion.py --save-dir logs/fred_fusion --resume
     python train_fred_fusion.py --fred-root /data/FRED --eval-only   # best weights on the test split
 
-Settings and their help: fred/config.py (``--help``). Outputs: spec/fred.md §6.1.
+Rerunning a command continues its run (--resume auto), also from the middle of an epoch; SIGTERM or Ctrl-C saves
+a full state and exits (75 / 130). Outputs: logs/fred_fusion/ (spec §6.1).
 """
 
 from __future__ import annotations
 
-import shutil
 import sys
 import time
-from itertools import islice
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from common import checkpoint as ckpt
-from common.console import RunConsole
-from common.data import to_device
-from common.ema import ModelEMA
-from common.freeze import apply_policy, set_train_mode, switch_stage
-from common.lossdump import LossSeries
-from common.run import AcceleratorSettings, make_accelerator, seed_everything, write_run_record
-from common.schedules import apply_schedule, set_base_lrs
-from common.step import OptimStep
-from fred import training as fred_training
-from fred.config import FredConfig, changed_settings, resolve_config, resume_config
-from fred.dataset import set_loader_epoch
-from fred.evaluate import evaluate_detections, model_outputs, summary_line, validation_loss, write_results
-from fred.index import CLASS_NAMES, SPLITS
-from fred.loss import YOLOLoss
-from fred.model import build_model, build_model_from_meta
-from fred.training import (FINAL_WEIGHTS, MAX_NONFINITE_STEPS, RESULTS_DIR, SCRIPT,
-                           STEP_SERIES, Best, History, RunLog, best_metric, build_optimizer, check_amp_invariant,
-                           check_architecture, config_meta, end_epoch, eval_loader, eval_settings, export_weights,
-                           fitted_lrs, freeze_policies, freeze_runs, full_state, load_data, lr_schedule,
-                           stage_banner, stage_batch, stage_of, steps_per_epoch, train_loader, training_losses)
-from fred.weights import load_pretrained, load_strict, summarize_report
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+# The configuration (paper defaults, demo preset, every flag with its help): fred/config.py.
+from fred.config import FredConfig, resolve_config  # noqa: E402
+
+from common.data import epoch_batches, to_device  # noqa: E402
+from common.ema import ModelEMA  # noqa: E402
+from common.freeze import apply_policy, set_train_mode, switch_stage  # noqa: E402
+from common.lossdump import LossSeries  # noqa: E402
+from common.preempt import Preemption  # noqa: E402
+from common.resume import mark_complete, plan_resume  # noqa: E402
+from common.run import (AcceleratorSettings, broadcast_from_main, check_amp_invariant, exit_on_user_error,  # noqa: E402
+                        seed_everything, start_accelerator)
+from common.runfolder import RunFolder  # noqa: E402
+from common.schedules import apply_schedule, set_base_lrs  # noqa: E402
+from common.state import TrainState  # noqa: E402
+from common.step import OptimStep  # noqa: E402
+from common.tracking import Best, History  # noqa: E402
+from fred import outputs, recipe  # noqa: E402
+from fred.dataset import eval_loader, load_data, train_loader  # noqa: E402
+from fred.evaluate import eval_settings, evaluate_detections, summary_line, validation_loss, write_results  # noqa: E402
+from fred.index import CLASS_NAMES, SPLITS  # noqa: E402
+from fred.loss import YOLOLoss  # noqa: E402
+from fred.model import build_model  # noqa: E402
+from fred.weights import load_pretrained, summarize_report  # noqa: E402
+
+SCRIPT = "train_fred_fusion.py"
 
 
-def cli(argv: list[str] | None = None) -> tuple[FredConfig, str | None]:
-    """The configuration (preset defaults, flags on top; a resumed run's own settings as defaults) and a notice."""
-    argv = sys.argv[1:] if argv is None else argv
-    cfg, notice = resolve_config(argv)
-    if cfg.resume or cfg.resume_from is not None:
-        path = fred_training.locate_resume(cfg)
-        if path is not None:
-            return resume_config(argv, fred_training.peek_state(path)["config"], path.parent), None
-    return cfg, notice
-
-
-def main(cfg: FredConfig, notice: str | None = None) -> int:
-    """Set up, train freeze -> unfreeze over global epochs, evaluate, export. Returns the exit code."""
+def main(cfg: FredConfig, notices: list[str], argv: list[str]) -> int:
+    """Set up, train freeze -> unfreeze, evaluate, export. Returns the exit code."""
     if cfg.quick_test:
-        cfg = fred_training.quick_test_config(cfg)
+        cfg = recipe.quick_test_config(cfg)
     run_dir = cfg.run_dir
-    console = RunConsole()
-    accelerator = make_accelerator(
-        AcceleratorSettings(mixed_precision=cfg.mixed_precision, log_with_tensorboard=not cfg.eval_only),
-        project_dir=run_dir, warn=console.warn)
-    console = RunConsole(is_main=accelerator.is_main_process)
+    accelerator, console = start_accelerator(AcceleratorSettings(
+        mixed_precision=cfg.mixed_precision, log_with_tensorboard=not cfg.eval_only), project_dir=run_dir)
     is_main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
-    if notice:
+    for notice in notices:
         console.print(notice)
     if cfg.eval_only:
-        fred_training.evaluate_only(cfg, console, accelerator)
+        outputs.evaluate_only(cfg, console, accelerator)
         return 0
 
-    # Everything that can refuse the run is checked before anything is written.
-    meta = config_meta(cfg)
-    resume_path = fred_training.locate_resume(cfg)
-    state = ckpt.load_checkpoint(resume_path) if resume_path is not None else None
-    if state is not None:
-        check_architecture(resume_path, state["model_meta"], meta)
-    elif cfg.resume:
-        console.print(f"--resume: no full state in {run_dir}; starting a new run")
-    if cfg.quick_test and is_main:
-        shutil.rmtree(run_dir, ignore_errors=True)
-    if state is None and not cfg.quick_test:
-        fred_training.guard_run_directory(run_dir, cfg.overwrite, console.print, remove=is_main)
-    accelerator.wait_for_everyone()
-    check_amp_invariant(accelerator)
-    seed_everything(cfg.seed)
-
+    # Everything that can refuse the run is checked before anything is written: data, then the run folder.
     with accelerator.main_process_first():
         data = load_data(cfg, console.print)
-    for split in SPLITS:
-        console.print(f"Fusion info [{split}]: {data.index.stats(split).line()}")
+    meta = recipe.config_meta(cfg)
+    plan = plan_resume(cfg.resume, outputs.state_files(run_dir), run_dir, overwrite=cfg.run.overwrite,
+                       outputs=outputs.exported_files(run_dir))
+    if plan.action == "complete" and plan.record["epochs"] >= recipe.end_epoch(cfg):
+        console.print(f"complete: {run_dir} finished {plan.record['epochs']} epochs ({run_dir / 'DONE.json'}); "
+                      f"nothing to do. Its weights: {run_dir / outputs.FINAL_WEIGHTS}")
+        return 0
+    if plan.action == "complete":
+        plan = plan_resume("auto", outputs.state_files(run_dir), run_dir / "none")
+    seed_everything(cfg.seed)
     model = build_model(cfg.modality, cfg.phi, len(CLASS_NAMES),
                         fusion_mode=cfg.fusion_mode if cfg.modality == "dual" else None,
                         compression_ratio=cfg.compression_ratio if cfg.modality == "dual" else None,
                         discriminator=cfg.discriminator and cfg.modality == "dual")
-    report = None
-    if state is None and cfg.pretrained is not None:
-        report = load_pretrained(model, cfg.pretrained, cfg.event_backbone_init)
-
-    log = RunLog(run_dir, state["log_subdir"] if state is not None else RunLog.new_subdir(), is_main)
-    console.set_log_file(log.path / "console.log")
+    if cfg.sync_bn and world > 1:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    policies = recipe.freeze_policies(model, cfg)
+    optimizer = recipe.build_optimizer(model, cfg)  # built once: its momentum survives the switch
+    apply_policy(model, policies[recipe.stage_of(0, cfg)])
+    ema = ModelEMA(model).to(accelerator.device)  # before prepare: the EMA copies the plain forward
+    model, optimizer = accelerator.prepare(model, optimizer)
+    stepper = OptimStep(accelerator, optimizer, model, max_grad_norm=cfg.grad_clip,
+                        max_nonfinite=recipe.MAX_NONFINITE_STEPS, warn=console.warn)
+    series = LossSeries(recipe.STEP_SERIES)
+    history, best = History(recipe.HISTORY), Best(*recipe.best_metric(cfg))
+    state = TrainState(accelerator, SCRIPT, stage=recipe.stage_of(0, cfg), warn=console.warn, model=model, ema=ema,
+                       optimizer=optimizer, history=history, best=best, series=series, step_counters=stepper)
+    state.signature = {"strict": {"architecture": recipe.describe_meta(meta)}, "soft": {name: getattr(cfg, name) for name in
+                                                                  ("epochs", "freeze_epoch", "save_period",
+                                                                   "eval_period")}}
+    position = state.position
+    log_subdir, report = outputs.RunLog.new_subdir(), None
+    if plan.action == "resume":
+        checkpoint = state.read(plan.path)
+        saved = state.position_of(checkpoint)
+        state.stage = recipe.saved_stage(saved.epoch, saved.batch, cfg)
+        if state.stage != recipe.stage_of(0, cfg):
+            model, _ = switch_stage(accelerator, model, policies[state.stage])
+            stepper.set_model(model)
+        state.load(checkpoint, plan.path, force=cfg.run.resume_force)
+        log_subdir = checkpoint["log_subdir"]
+        console.print(f"resumed from {plan.path} at epoch {position.epoch}, batch {position.batch} "
+                      f"({state.stage} stage)")
+    elif cfg.pretrained is not None:
+        report = load_pretrained(accelerator.unwrap_model(model), cfg.pretrained, cfg.event_backbone_init)
+    run = RunFolder(run_dir, accelerator, console)
+    run.open(SCRIPT, cfg, argv)
+    run.remove(plan.remove, "--overwrite")
+    log = outputs.RunLog(run_dir, log_subdir, is_main)
     if is_main:
-        write_run_record(log.path, SCRIPT, cfg, sys.argv[1:], ["--resume-from", "{checkpoint}"])
-        if state is None:
-            ckpt.atomic_write_json(log.path / "load_report.json", report or {"file": None, "init": "random"})
-    console.print(f"config ({cfg.preset} preset): {changed_settings(cfg)}")
-    console.print(f"model {fred_training.describe_meta(meta)}, {cfg.optimizer}, epochs {cfg.epochs} (freeze "
-                  f"{cfg.freeze_epoch if freeze_runs(cfg) else 0}), batch {cfg.freeze_batch_size}/"
+        outputs.write_run_files(log, cfg, report)
+        log.truncate_fusion_stats(position.epoch)
+    for split in SPLITS:
+        console.print(f"Fusion info [{split}]: {data.index.stats(split).line()}")
+    console.print(f"model {recipe.describe_meta(meta)}, {cfg.optimizer}, epochs {cfg.epochs} (freeze "
+                  f"{cfg.freeze_epoch if recipe.freeze_runs(cfg) else 0}), batch {cfg.freeze_batch_size}/"
                   f"{cfg.unfreeze_batch_size} x {world} process(es), precision {accelerator.mixed_precision}, "
-                  f"run folder {log.path} (full config in config.json)")
+                  f"run folder {run_dir}")
     if report is not None:
         console.print(f"weights: {summarize_report(report)}")
-    elif state is None:
+    elif plan.action != "resume":
         console.warn("no --pretrained weights: random init")
     accelerator.init_trackers(log.subdir)
 
-    if cfg.sync_bn and world > 1:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    policies = freeze_policies(model, cfg)
-    optimizer = build_optimizer(model, cfg)
-    start = int(state["epoch"]) if state is not None else 0
-    end = end_epoch(cfg)
-    stage = stage_of(start, cfg)
-    trainable = apply_policy(model, policies[stage])
-    # The EMA copies the plain model: after prepare, its forward would carry the autocast wrapper.
-    ema = ModelEMA(model).to(accelerator.device)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    stepper = OptimStep(accelerator, optimizer, model, max_grad_norm=cfg.grad_clip,
-                        max_nonfinite=MAX_NONFINITE_STEPS, warn=console.warn)
-    series = LossSeries(STEP_SERIES)
-    history, best = History(), Best(best_metric(cfg))
-    if state is not None:
-        history, best = fred_training.restore_full_state(state, resume_path, cfg, policies, accelerator, model, ema,
-                                                         optimizer, stepper, series, console.warn)
-        log.truncate_fusion_stats(start)
-        console.print(f"resumed from {resume_path} at epoch {start} ({stage} stage)")
-        del state
-
-    loader = train_loader(data, cfg, stage, rank, world)
-    fitted = fitted_lrs(cfg, stage_batch(cfg, stage) * world)
-    set_base_lrs(optimizer, *fitted)
-    if stage == "unfreeze" and freeze_runs(cfg) and start == cfg.freeze_epoch:
-        ema.updates = steps_per_epoch(data, cfg, stage, world) * start  # resumed exactly at the switch
-    schedule = lr_schedule(cfg.epochs)
     criterion = YOLOLoss(len(CLASS_NAMES), cfg.input_shape)
     max_batches = cfg.quick_test_batches if cfg.quick_test else None
-    settings = eval_settings(cfg, max_batches)
     val_loader = eval_loader(data.val, cfg) if is_main and len(data.val) else None
-    results_dir = run_dir / RESULTS_DIR
-    stage_files = {name: ckpt.CheckpointManager(run_dir, name, unit="epoch", keep_last=cfg.keep_stage_checkpoints,
-                                                suffix="_weights") for name in policies}
-    step = len(series)
-    total_steps = step + sum(steps_per_epoch(data, cfg, stage_of(e, cfg), world) for e in range(start, end))
-    console.print(stage_banner(stage, cfg))
-    console.start(total_steps, "train", completed=step)
-    try:
-        for epoch in range(start, end):
-            if stage_of(epoch, cfg) != stage:  # the switch: re-wrap, new loader and batch, refit lrs, EMA count
-                stage = stage_of(epoch, cfg)
-                model, trainable = switch_stage(accelerator, model, policies[stage])
-                stepper.set_model(model)
-                loader = train_loader(data, cfg, stage, rank, world)
-                fitted = fitted_lrs(cfg, stage_batch(cfg, stage) * world)
-                set_base_lrs(optimizer, *fitted)
-                ema.updates = steps_per_epoch(data, cfg, stage, world) * epoch
-                check_amp_invariant(accelerator)
-                console.print(stage_banner(stage, cfg))
-            lr = apply_schedule(optimizer, schedule, epoch)[0]
-            set_loader_epoch(loader, epoch)
-            set_train_mode(accelerator.unwrap_model(model), policies[stage])
-            started = time.perf_counter()
-            for batch_index, batch in enumerate(islice(loader, max_batches)):
-                drops = fred_training.drop_flags(batch, cfg, epoch, batch_index, rank)
-                batch = to_device(batch, accelerator.device)
-                with accelerator.accumulate(model):
-                    terms = training_losses(model, batch, cfg, criterion, accelerator, drops)
-                    result = stepper(terms["loss"])
-                if result.applied:
-                    ema.update(accelerator.unwrap_model(model))
-                series.append({**{name: terms[name].detach() for name in STEP_SERIES if name != "lr"}, "lr": lr})
-                step += 1
-                console.advance(step)
-                if step % cfg.log_interval == 0:
-                    console.log(step, {"epoch": f"{epoch + 1}/{cfg.epochs}", "loss": float(terms["loss"].detach()),
-                                             "lr": lr})
+    stage_files = {name: outputs.stage_checkpoints(run_dir, name, cfg.keep_stage_checkpoints) for name in policies}
+    end = recipe.end_epoch(cfg)
+    preemption = Preemption(accelerator, every=cfg.log_interval)
+    console.print(recipe.stage_banner(state.stage, cfg))
+    console.start(sum(recipe.steps_per_epoch(len(data.train), cfg, recipe.stage_of(e, cfg), world)
+                      for e in range(end)), "train", completed=position.step)
 
-            # Epoch end: losses, validation with the EMA model, mAP on evaluation epochs, files, checkpoints.
-            completed = epoch + 1
-            means = fred_training.epoch_means(series.flush(accelerator))
-            train_loss = means["loss"]
+    # The loop, keyed by the optimizer step; an epoch's first step sets it up, its last one evaluates and saves.
+    loader = None
+    while position.epoch < end:
+        epoch = position.epoch
+        if position.batch == 0 or loader is None:
+            if recipe.stage_of(epoch, cfg) != state.stage:  # the switch: re-wrap, then the new batch and lrs
+                state.stage = recipe.stage_of(epoch, cfg)
+                model, _ = switch_stage(accelerator, model, policies[state.stage])
+                stepper.set_model(model)
+                ema.updates = recipe.steps_per_epoch(len(data.train), cfg, state.stage, world) * epoch
+                check_amp_invariant(accelerator)
+                console.print(recipe.stage_banner(state.stage, cfg))
+            loader = train_loader(data, cfg, state.stage, rank, world)
+            steps_in_epoch = recipe.steps_per_epoch(len(data.train), cfg, state.stage, world)
+            fitted = recipe.fitted_lrs(cfg, recipe.stage_batch(cfg, state.stage) * world)
+            set_base_lrs(optimizer, *fitted)
+            lr = apply_schedule(optimizer, recipe.lr_schedule(cfg.epochs), epoch)[0]
+            set_train_mode(accelerator.unwrap_model(model), policies[state.stage])
+            batches = epoch_batches(loader, position)
+            epoch_started = time.perf_counter()
+        batch = next(batches)
+        drops = recipe.drop_flags(batch, cfg, epoch, position.batch, rank)
+        batch = to_device(batch, accelerator.device)
+        with accelerator.accumulate(model):
+            terms = recipe.training_losses(model, batch, cfg, criterion, accelerator, drops)  # forward + loss
+            result = stepper(terms["loss"])  # backward, step (a non-finite step is skipped), zero_grad
+        ema.update(accelerator.unwrap_model(model), result.applied)
+        series.append({**{name: terms[name].detach() for name in recipe.STEP_SERIES if name != "lr"}, "lr": lr})
+        position.step += 1
+        end_of_epoch = position.next_batch(steps_in_epoch)
+        console.advance(position.step)
+        if position.step % cfg.log_interval == 0:
+            stepper.check()
+            window = series.flush(accelerator)
+            console.log(position.step, {"epoch": f"{epoch + 1}/{cfg.epochs}",
+                                         "loss": recipe.epoch_means({"loss": window["loss"]})["loss"], "lr": lr})
+        stop = position.step == cfg.run.stop_after
+        preempted = preemption.should_stop(position.step)
+
+        if end_of_epoch:  # validation with the EMA model, mAP on evaluation epochs, history, files, states
+            stepper.check()
+            series.flush(accelerator)
+            completed = position.epoch
+            means = recipe.epoch_means(series.tail(position.step - steps_in_epoch))
             val_loss, summary = float("nan"), None
             if is_main and val_loader is not None:
                 val_loss = validation_loss(ema.module, val_loader, criterion, cfg.modality, accelerator.device,
                                            accelerator.autocast, max_batches)
-                if not cfg.no_eval_map and (completed % cfg.eval_period == 0 or completed == end):
-                    summary = evaluate_detections(ema.module, val_loader, cfg.modality, cfg.input_shape, results_dir,
-                                                  "val", accelerator.device, accelerator.autocast, settings,
-                                                  data.dark)
-                    write_results(results_dir / "results.txt", summary, f"EMA model after epoch {completed}")
-            ap50 = summary["ap50"] if summary else float("nan")
-            ap50_95 = summary["ap50_95"] if summary else float("nan")
-            history.append(epoch=completed, stage=float(stage == "unfreeze"), loss=train_loss, val_loss=val_loss,
-                           lr=lr, ap50=ap50, ap50_95=ap50_95)
-            metric_value = {"ap50": ap50, "ap50_95": ap50_95, "val_loss": val_loss}[best.metric]
-            improved = best.improves(metric_value)
-            if improved:
-                best.value, best.epoch = metric_value, completed
-            metrics = {"loss": train_loss, "val_loss": val_loss, "ap50": ap50, "ap50_95": ap50_95}
-            rng = ckpt.gather_rng(accelerator)
+                if cfg.eval_map and (completed % cfg.eval_period == 0 or completed == end):
+                    summary = evaluate_detections(ema.module, val_loader, cfg.modality, cfg.input_shape,
+                                                  run_dir / outputs.RESULTS_DIR, "val", accelerator.device,
+                                                  accelerator.autocast, eval_settings(cfg, max_batches), data.dark)
+                    write_results(run_dir / outputs.RESULTS_DIR / "results.txt", summary,
+                                  f"EMA model after epoch {completed}")
+            metrics = {"loss": means["loss"], "val_loss": val_loss,
+                       "ap50": summary["ap50"] if summary else float("nan"),
+                       "ap50_95": summary["ap50_95"] if summary else float("nan")}
+            metrics = broadcast_from_main(accelerator, metrics)  # every process records the same history
+            history.append(epoch=completed, stage=float(state.stage == "unfreeze"), lr=lr, **metrics)
+            improved = best.update(metrics[best.metric], completed)
             if is_main:
-                fred_training.report_epoch(console, accelerator, log, cfg, data, history, series, means, summary,
-                                           best, stage, time.perf_counter() - started, final=completed == end)
-                state = full_state(epoch=completed, stage=stage, cfg=cfg, meta=meta, accelerator=accelerator,
-                                   model=model, ema=ema, optimizer=optimizer, stepper=stepper, series=series,
-                                   history=history, best=best, fitted=fitted, loss=train_loss, rng=rng,
-                                   log_subdir=log.subdir, trainable=trainable)
-                fred_training.save_epoch(run_dir, stage_files[stage], state, cfg, end, ema.state_dict(), meta,
-                                         metrics, improved)
-                del state
-            accelerator.wait_for_everyone()
-        console.stop()
+                outputs.report_epoch(console, accelerator, log, cfg, data, history, series, means, summary, best,
+                                     state.stage, time.perf_counter() - epoch_started, final=completed == end)
+                # Exports first, then the states: a state never records a best model that was not written.
+                outputs.export_epoch(run_dir, cfg, ema.state_dict(), meta, completed, end, metrics, improved)
+            extra = outputs.state_extra(cfg, meta, state.stage, completed, log.subdir, means["loss"], fitted, optimizer)
+            stage_end = completed == end or (state.stage == "freeze" and completed == cfg.freeze_epoch)
+            if completed % cfg.save_period == 0 or stage_end:
+                state.save(stage_files[state.stage].path_for(completed), extra=extra)
+                if is_main:
+                    stage_files[state.stage].prune()
+            state.save(run_dir / outputs.LAST_STATE, extra=extra)
+        elif stop or preempted or (cfg.run.checkpoint_every and position.step % cfg.run.checkpoint_every == 0):
+            state.save(run_dir / outputs.LAST_STATE, extra=outputs.state_extra(
+                cfg, meta, state.stage, position.epoch, log.subdir, float("nan"), fitted, optimizer))
+        if stop or preempted:
+            console.stop()
+            reason = "--stop-after" if stop else f"preempted ({preemption.signal_name})"
+            console.print(f"{reason}: saved {run_dir / outputs.LAST_STATE} at step {position.step}; run the same "
+                          "command again to continue")
+            return 0 if stop else preemption.exit_code
+    console.stop()
 
-        # Final: the EMA model on the test split, exported as fred_fusion_final.pth.
-        final_metrics = {}
-        if is_main:
-            if len(data.test):
-                summary = evaluate_detections(ema.module, eval_loader(data.test, cfg), cfg.modality, cfg.input_shape,
-                                              results_dir, "test", accelerator.device, accelerator.autocast,
-                                              settings, data.dark)
-                write_results(results_dir / "results.txt", summary, f"final EMA model (epoch {end}) on test")
-                console.print(f"final {summary_line(summary)}")
-                final_metrics = {key: summary[key] for key in ("ap50", "ap50_95", "ap50_dark", "ap50_bright")
-                                 if key in summary}
-            export_weights(run_dir / FINAL_WEIGHTS, ema.state_dict(), meta, max(end, start), final_metrics)
-            console.print(f"wrote {run_dir / FINAL_WEIGHTS}; logs in {log.path}")
-            if cfg.freeze_training and end < cfg.epochs:
-                console.print(f"freeze stage done; continue into the unfreeze stage with: python {SCRIPT}.py "
-                              f"--save-dir {run_dir} --resume")
-            if cfg.quick_test:
-                check_quick_test(run_dir / FINAL_WEIGHTS, ema.module, val_loader, cfg, history)
-                console.print("quick test passed")
-        accelerator.wait_for_everyone()
-    except BaseException:
-        hint = fred_training.resume_hint(run_dir) if is_main else None
-        if hint:
-            console.print(hint)
-        raise
-    finally:
-        console.stop()
+    # Final: the EMA model on the test split, exported as fred_fusion_final.pth; the run is then complete.
+    if is_main:
+        final_metrics = outputs.final_evaluation(cfg, ema.module, data, accelerator, run_dir, log, max_batches,
+                                                 console)
+        outputs.export_weights(run_dir / outputs.FINAL_WEIGHTS, ema.state_dict(), meta, end, final_metrics)
+        if cfg.quick_test:
+            outputs.check_quick_test(run_dir / outputs.FINAL_WEIGHTS, ema.module, val_loader, cfg, history)
+            console.print("quick test passed")
+        if end == cfg.epochs:
+            mark_complete(run_dir, {"epochs": end, "model_meta": meta, "metrics": final_metrics,
+                                    "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
+        run.finish(outputs.result_files(run_dir, log), outputs.next_steps(cfg, run_dir, end))
+    accelerator.wait_for_everyone()
     accelerator.end_training()
     return 0
 
 
-def check_quick_test(weights: Path, ema_model: torch.nn.Module, val_loader, cfg: FredConfig, history: History) -> None:
-    """The quick test's own checks: every stage that should run ran with finite losses, and the exported final
-    weights reload strictly into a fresh model that reproduces the EMA model's outputs."""
-    expected = ["freeze"] * int(freeze_runs(cfg)) + ["unfreeze"] * int(not cfg.freeze_training)
-    ran = ["unfreeze" if s else "freeze" for s in history.stage]
-    if ran != expected or not np.all(np.isfinite(history.loss)):
-        raise RuntimeError(f"quick test failed: stages {ran} (expected {expected}), losses {history.loss}")
-    sidecar = fred_training.read_sidecar(weights)
-    reloaded = build_model_from_meta(sidecar["model_meta"], discriminator=False, init=False)
-    load_strict(reloaded, weights)
-    device = next(ema_model.parameters()).device
-    reloaded.to(device).eval()
-    if val_loader is None:
-        return
-    batch = next(iter(val_loader))
-    batch = {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
-    with torch.no_grad():
-        same = all(torch.equal(a, b) for a, b in zip(model_outputs(reloaded, batch, cfg.modality),
-                                                      model_outputs(ema_model, batch, cfg.modality)))
-    if not same:
-        raise RuntimeError(f"quick test failed: {weights} reloaded strictly gives other outputs than the EMA model")
+def cli(argv: list[str] | None = None) -> int:
+    """Parse the command line and run; bad input becomes one `error:` line and exit code 2."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return exit_on_user_error(lambda: main(*resolve_config(argv), argv))
 
 
 if __name__ == "__main__":
-    sys.exit(fred_training.exit_on_fred_error(lambda: main(*cli())))
+    sys.exit(cli())

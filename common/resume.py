@@ -70,7 +70,7 @@ def mark_complete(directory: str | Path, record: dict) -> Path:
 
 
 def plan_resume(value: str, checkpoints: Sequence[Path], marker_dir: str | Path, *, overwrite: bool = False,
-                outputs: Sequence[Path] = (), flag: str = "--resume") -> ResumePlan:
+                outputs: Sequence[Path] = (), flag: str = "--resume", folder_flag: str = "--save-dir") -> ResumePlan:
     """Decide what a stage does under ``--resume value``.
 
     Args:
@@ -79,7 +79,7 @@ def plan_resume(value: str, checkpoints: Sequence[Path], marker_dir: str | Path,
         marker_dir: the folder holding the stage's completion marker.
         overwrite: ``--overwrite``: delete earlier checkpoints, the marker and ``outputs`` and start fresh.
         outputs: the stage's other earlier files (exports, loss dumps) that ``--overwrite`` deletes.
-        flag: the trainer's name of the resume flag (for messages).
+        flag, folder_flag: the trainer's names of the resume and output-folder flags (for messages).
     """
     marker = Path(marker_dir) / COMPLETE_MARKER
     record = read_complete(marker_dir)
@@ -91,7 +91,7 @@ def plan_resume(value: str, checkpoints: Sequence[Path], marker_dir: str | Path,
             newest = newest_checkpoint(checkpoints) or marker
             raise ResumeRefused(
                 f"{Path(marker_dir)} already holds an earlier run (newest: {newest}); continue it with "
-                f"{flag} auto, start over with --overwrite (deletes it), or choose another output folder")
+                f"{flag} auto, start over with --overwrite (deletes it), or choose another {folder_flag}")
         return ResumePlan("fresh")
     if value == "auto":
         if record is not None:

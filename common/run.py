@@ -158,6 +158,16 @@ def parameter_fingerprints(accelerator, module) -> list[str]:
     return fingerprints
 
 
+def broadcast_from_main(accelerator, value: Any) -> Any:
+    """The main process's ``value`` on every process (collective; for the few per-epoch numbers only the main
+    process computes, such as validation metrics)."""
+    if accelerator.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([value])[0]
+
+
 def user_message(error: BaseException) -> str:
     """The one-line message of a user-facing error; an error re-raised from a data-loader worker carries the
     worker's traceback in its text, of which only the original message is kept."""

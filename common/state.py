@@ -85,8 +85,9 @@ def compare_signature(source: Path | str, theirs: dict, ours: dict, force: bool,
               for key, value in ours.get("strict", {}).items() if theirs.get("strict", {}).get(key) != value]
     if strict and not force:
         raise ckpt.ResumeRefused(
-            f"{source} belongs to a run with other settings ({'; '.join(strict)}). Restore the settings, choose "
-            "another output folder, start over with --overwrite, or accept the difference with --resume-force")
+            f"refusing to resume from {source}: it belongs to a run with other settings ({'; '.join(strict)}). "
+            "Restore the settings, choose another output folder, start over with --overwrite, or accept the "
+            "difference with --resume-force")
     for problem in strict:
         warn(f"accepted a difference (--resume-force): {problem}")
     soft = [f"{key} {theirs.get('soft', {}).get(key)!r} -> {value!r}"
@@ -214,15 +215,21 @@ class TrainState:
     def load(self, state: dict, path: str | Path, allow: Iterable[str] = (), force: bool = False) -> None:
         """Restore a checkpoint read by :meth:`read` into this process (stage, trainable set and signature are
         checked first; ``force`` accepts strict signature differences, ``allow`` waives identity checks)."""
-        ckpt.check_resume(path, state["meta"], self.identity(), allow)
         compare_signature(path, state["meta"].get("signature", {}), self.signature, force, self.warn)
+        ckpt.check_resume(path, state["meta"], self.identity(), allow)
         for name, value in dataclasses.asdict(self.position_of(state)).items():
             setattr(self.position, name, value)  # in place: the loop may hold a reference to the position
         for name, obj in self.objects.items():
             if name not in state:
                 raise ckpt.CheckpointError(f"{path} has no {name!r} entry; it was written by another version")
             if isinstance(obj, nn.Module):
-                obj.load_state_dict(state[name], strict=True)
+                try:
+                    obj.load_state_dict(state[name], strict=True)
+                except RuntimeError as error:
+                    first = str(error).strip().splitlines()[0][:200]
+                    raise ckpt.ResumeRefused(f"refusing to resume from {path}: its {name!r} does not fit the model "
+                                             f"this run builds ({first}); restore the settings or start a new "
+                                             "run") from None
             elif isinstance(obj, ModelEMA):
                 obj.load_state_dict(state[name], updates=state[f"{name}_updates"])
             elif isinstance(obj, LossSeries):

@@ -8,7 +8,6 @@ the other way round is an error, because training would silently drop a learned 
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 from dataclasses import dataclass
@@ -18,13 +17,12 @@ from typing import Literal
 import torch
 import torch.nn as nn
 
-from common.checkpoint import CheckpointError, atomic_write_bytes
+from common.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, strip_wrapper_prefixes
 from crossfuse.model import AutoEncoder, DeepWeightMode, FusionNet
 
 logger = logging.getLogger(__name__)
 
 NetworkKind = Literal["autoencoder", "fusion", "unknown"]
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 TEMPERATURE_SUFFIX = ".attn.temperature"
 
 
@@ -51,21 +49,6 @@ class LoadReport:
         return line
 
 
-def strip_wrapper_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Remove any leading `module.` (DDP) and `_orig_mod.` (torch.compile) prefixes from every key."""
-    stripped = {}
-    for key, value in state_dict.items():
-        changed = True
-        while changed:
-            changed = False
-            for prefix in WRAPPER_PREFIXES:
-                if key.startswith(prefix):
-                    key = key[len(prefix):]
-                    changed = True
-        stripped[key] = value
-    return stripped
-
-
 def detect_network(state_dict: dict[str, torch.Tensor]) -> NetworkKind:
     """Tell an auto-encoder dict (`fea_encoder1.*`) from a fusion dict (`cross_atten_block.*`, `decoder_fusion.*`)."""
     keys = list(state_dict)
@@ -87,15 +70,7 @@ def network_kind(module: nn.Module) -> NetworkKind:
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a `.model` file on the CPU with `weights_only=True` and strip wrapper prefixes."""
-    path = Path(path)
-    if not path.is_file():
-        raise ModelFileError(f"{path}: weight file not found; check the path")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises several types for truncated or foreign files
-        raise ModelFileError(
-            f"{path}: not a readable PyTorch state_dict ({error}); re-export or re-download it"
-        ) from error
+    state = load_checkpoint(path, what="weight file")
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelFileError(f"{path}: does not hold a plain state_dict of tensors; save `model.state_dict()` instead")
     return strip_wrapper_prefixes(state)
@@ -181,9 +156,7 @@ def save_model_file(module: nn.Module, path: str | os.PathLike) -> Path:
     state = {
         k: v.detach().to("cpu", copy=True).contiguous() for k, v in strip_wrapper_prefixes(module.state_dict()).items()
     }
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    return atomic_write_bytes(path, buffer.getvalue())
+    return save_checkpoint(path, state)
 
 
 def _article(kind: NetworkKind) -> str:

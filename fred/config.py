@@ -9,18 +9,18 @@ The notes' underscore spellings (``--quick_test``, ``--fusion_mode`` ...) are ac
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Annotated, Literal, Sequence
 
-from common.cli import parse
+import tyro
+
+from common.cli import normalise_flags
+from common.errors import ConfigError
+from common.presets import resolve_preset
+from common.resume import RunOptions, normalise_resume_flags
 
 Modality = Literal["rgb", "event", "dual"]
-PRESETS = ("paper", "demo")
-# Flags that describe one invocation, not the run: a resumed run never inherits them from its checkpoint.
-PATH_FIELDS = ("fred_root", "fusion_annotations", "annotation_dir", "demo_root", "pretrained", "save_dir",
-               "resume_from", "checkpoint")
-INVOCATION_FIELDS = ("resume", "resume_from", "overwrite", "quick_test", "eval_only", "freeze_training", "checkpoint")
 
 
 @dataclass(frozen=True)
@@ -135,8 +135,8 @@ class FredConfig:
     """Keep only the newest N freeze/unfreeze full states per stage (0: keep all)."""
     eval_period: int = 10
     """Compute mAP on the val split every N epochs (and at the last epoch)."""
-    no_eval_map: bool = False
-    """Skip mAP during training; the best model is then chosen by val_loss."""
+    eval_map: bool = True
+    """Compute mAP during training (--no-eval-map skips it; the best model is then chosen by val_loss)."""
     best_metric: Literal["ap50", "ap50_95", "val_loss"] = "ap50"
     """Metric that selects fred_fusion_best.pth."""
     voc_ap50: bool = False
@@ -145,12 +145,10 @@ class FredConfig:
     """Batch of validation, mAP and --eval-only inference."""
     eval_conf: float = 0.001
     """Score threshold of evaluation detections."""
-    resume: bool = False
-    """Continue from the highest-epoch full state in the run folder (flags not given come from it)."""
-    resume_from: Path | None = None
-    """Continue from this full state file."""
-    overwrite: bool = False
-    """Start a new run in a folder that holds full states (they and the exported weights are deleted)."""
+    resume: str = "auto"
+    """auto: continue the run in the run folder from its newest full state (a finished run is reported complete);
+    never: start a new run (refused where full states exist, unless --overwrite); or a full-state file. A bare
+    --resume means auto, --resume-from FILE means --resume FILE."""
     quick_test: bool = False
     """One epoch of at most --quick-test-batches batches per stage, outputs in <save_dir>/quick_test/."""
     quick_test_batches: int = 100
@@ -163,13 +161,17 @@ class FredConfig:
     """Split scored by --eval-only."""
     preset: Literal["auto", "paper", "demo"] = "auto"
     """paper (the defaults) or demo; auto: demo when no --fred-root/--fusion-annotations is given."""
+    run: Annotated[RunOptions, tyro.conf.OmitArgPrefixes] = field(default_factory=RunOptions)
+    """Checkpoints, resuming and stopping (--checkpoint-every and --stop-after count optimizer steps)."""
 
     @property
     def run_dir(self) -> Path:
-        """The run folder: ``save_dir`` or the modality's default."""
+        """The run folder: ``save_dir``, or the modality's default (``_demo`` appended for the demo preset, so a real
+        run never meets the demo's files)."""
         if self.save_dir is not None:
             return self.save_dir
-        return Path("logs") / ("fred_fusion" if self.modality == "dual" else f"fred_{self.modality}")
+        name = "fred_fusion" if self.modality == "dual" else f"fred_{self.modality}"
+        return Path("logs") / (f"{name}_demo" if self.preset == "demo" else name)
 
     @property
     def uses_demo_data(self) -> bool:
@@ -186,11 +188,6 @@ DEMO = dataclasses.replace(
     unfreeze_batch_size=16, optimizer="adam", weight_decay=0.0, init_lr=1e-3, min_lr=1e-5, nbs=16, save_period=5,
     eval_period=10, num_workers=0, seed=0,
 )
-PRESET_CONFIGS = {"paper": PAPER, "demo": DEMO}
-
-
-class ConfigError(ValueError):
-    """Inconsistent settings (the message names the flags)."""
 
 
 def validate(cfg: FredConfig) -> FredConfig:
@@ -211,8 +208,8 @@ def validate(cfg: FredConfig) -> FredConfig:
                         "be >= 1")
     if not 0 <= cfg.modality_dropout <= 1:
         problems.append(f"--modality-dropout {cfg.modality_dropout} must lie in [0, 1]")
-    if cfg.eval_only and (cfg.resume or cfg.resume_from):
-        problems.append("--eval-only evaluates weights; it cannot be combined with --resume/--resume-from")
+    if cfg.eval_only and cfg.resume not in ("auto", "never"):
+        problems.append("--eval-only evaluates weights; it cannot be combined with --resume FILE (use --checkpoint)")
     if problems:
         raise ConfigError("; ".join(problems))
     return cfg
@@ -225,56 +222,22 @@ def changed_settings(cfg: FredConfig) -> str:
     return " ".join(changed) if changed else "(paper defaults)"
 
 
-def _given(argv: Sequence[str], flag: str) -> bool:
-    """Whether ``--flag`` (hyphen or underscore spelling, with or without ``=value``) is on the command line."""
-    spellings = {f"--{flag}", f"--{flag.replace('-', '_')}"}
-    return any(arg.split("=", 1)[0] in spellings for arg in argv)
+DESCRIPTION = ("Train or evaluate the RGB + Event YOLOv5 drone detector on FRED. The defaults below are the paper's; "
+               "without --fred-root (or --fusion-annotations) a bare run uses the demo preset on a generated dataset "
+               "instead (--preset demo|paper chooses explicitly; flags always win).")
 
 
-def resolve_config(argv: Sequence[str]) -> tuple[FredConfig, str | None]:
-    """Parse ``argv`` with the preset's defaults. Returns the config and a notice to print (or None).
-
-    ``--preset`` picks the defaults explicitly; otherwise the demo preset applies when no data root is given.
-    """
-    argv = list(argv)
-    first = parse(FredConfig, argv)
-    preset = first.preset
-    notice = None
-    if preset == "auto":
-        preset = "demo" if first.uses_demo_data else "paper"
-        if preset == "demo":
-            notice = ("no FRED data root configured (--fred-root / --fusion-annotations): using the generated demo "
-                      f"dataset in {first.demo_root} with the demo preset (--preset paper for the paper settings)")
-    cfg = first if preset == "paper" else parse(FredConfig, argv, default=PRESET_CONFIGS[preset])
-    return validate(dataclasses.replace(cfg, preset=preset)), notice
+def announce_demo(cfg: FredConfig) -> str:
+    """The notice of a bare run: the demo data and settings actually used, and how to train on FRED."""
+    return (f"no FRED data root configured (--fred-root / --fusion-annotations): using the generated demo dataset in "
+            f"{cfg.demo_root} with the demo preset (phi {cfg.phi}, {cfg.input_shape[0]}x{cfg.input_shape[1]}, "
+            f"{cfg.epochs} epochs; outputs in {cfg.run_dir}); --preset paper for the paper settings")
 
 
-def config_from_dict(values: dict[str, Any]) -> FredConfig:
-    """Rebuild a :class:`FredConfig` from :func:`common.run.config_to_dict` output (unknown keys are ignored)."""
-    fields = {f.name: f for f in dataclasses.fields(FredConfig)}
-    kwargs = {}
-    for name, value in values.items():
-        if name not in fields:
-            continue
-        if value is not None and name in PATH_FIELDS:
-            value = Path(value)
-        elif isinstance(getattr(PAPER, name), tuple):
-            value = tuple(value)
-        kwargs[name] = value
-    return dataclasses.replace(PAPER, **kwargs)
-
-
-def resume_config(argv: Sequence[str], stored: dict[str, Any], run_dir: Path) -> FredConfig:
-    """The config of a resumed run: the checkpoint's stored config as defaults, the flags in ``argv`` on top.
-
-    Per-invocation flags (--resume, --freeze-training, --overwrite ...) are never inherited; the run folder
-    defaults to the one the checkpoint lies in.
-    """
-    defaults = config_from_dict(stored)
-    defaults = dataclasses.replace(defaults, save_dir=run_dir,
-                                   **{name: getattr(PAPER, name) for name in INVOCATION_FIELDS})
-    cfg = parse(FredConfig, list(argv), default=defaults)
-    if _given(argv, "preset"):
-        raise ConfigError("--preset cannot change a resumed run; its settings come from the checkpoint "
-                          "(pass individual flags to change them)")
-    return validate(cfg)
+def resolve_config(argv: Sequence[str]) -> tuple[FredConfig, list[str]]:
+    """Parse ``argv`` with the preset's defaults (flags win). Returns the config and the notices to print."""
+    argv = normalise_resume_flags(normalise_flags(argv))
+    presets = {"paper": lambda first: PAPER, "demo": lambda first: DEMO}
+    cfg, notices = resolve_preset(FredConfig, argv, presets, lambda first: not first.uses_demo_data, announce_demo,
+                                  description=DESCRIPTION)
+    return validate(cfg), notices

@@ -2,9 +2,11 @@
 
 A sample is one index entry (:mod:`fred.index`) with the streams of the modality: ``rgb``, ``event`` or both
 (``dual``). Training applies one synchronised augmentation draw per sample (:mod:`fred.augment`), evaluation the
-letterbox only. Every dataset copy owns ``np.random.default_rng([seed, rank, epoch, worker_id])``: made by
-:meth:`FredDataset.init_worker` in each loader worker (which also seeds ``random``), or by
-:meth:`FredDataset.set_epoch` for worker 0 when the loader has no workers.
+letterbox only. A training sample's draw comes from ``np.random.default_rng([seed, epoch, position])``, its place
+in the epoch's global order (the training sampler hands the dataset :class:`common.data.SampleKey` keys): the
+same draws for any number of processes and loader workers, and exactly the same after a resume in the middle of
+an epoch. (The spec's per-worker stream ``[seed, rank, epoch, worker_id]`` depends on how batches fall on workers,
+so a mid-epoch resume could not reproduce it.)
 
 Typical use (trainer)::
 
@@ -15,14 +17,16 @@ Typical use (trainer)::
     train_loader = build_loader(train_set, batch_size=8, train=True, num_workers=4, seed=11, rank=rank,
                                 world_size=world_size)
     for epoch in ...:
-        set_loader_epoch(train_loader, epoch)
+        common.data.set_loader_epoch(train_loader, epoch)
         for batch in train_loader: ...   # batch["rgb"], batch["event"], batch["y_true"], ...
 """
 
 from __future__ import annotations
 
-import random
+import functools
+import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal, Sequence
 
@@ -31,9 +35,14 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from common.data import GlobalBatchSampler, WorkerSeeder
+from common.data import GlobalBatchSampler, SampleKey, WorkerSeeder
+from fred.config import FredConfig
+from fred.demo_data import dark_flags, ensure_fred_demo, read_demo_meta
+from fred.recipe import stage_batch
+from fred.targets import get_target
 from fred.augment import compose, draw_augmentation, hsv_jitter, letterbox, letterbox_boxes, letterbox_geometry
-from fred.index import FrameEntry, FredDataError, FredDataWarning, Sample, select_samples
+from fred.index import (CLASS_NAMES, FrameEntry, FredDataError, FredDataWarning, FredIndex, IndexParams, Sample,
+                        load_fred_index, select_samples)
 
 TargetFn = Callable[[np.ndarray], Sequence[np.ndarray]]
 
@@ -101,34 +110,21 @@ class FredDataset(Dataset):
             groups.setdefault((sample.use_rgb, sample.use_event), []).append(i)
         self._partners = {key: np.asarray(value) for key, value in groups.items()}
         self._resize_warned: set[str] = set()
-        self.rank = 0
         self.epoch = 0
-        self.worker_id = 0
-        self.rng = self._make_rng(0)
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    # ---------------------------------------------------------------------------------------- seeding
-    def _make_rng(self, worker_id: int) -> np.random.Generator:
-        self.worker_id = worker_id
-        return np.random.default_rng([self.seed, self.rank, self.epoch, worker_id])
-
-    def set_rank(self, rank: int) -> None:
-        """Set the process index (part of the RNG key)."""
-        self.rank = rank
-        self.rng = self._make_rng(self.worker_id)
-
     def set_epoch(self, epoch: int) -> None:
-        """Set the epoch (augmentation gate and RNG key); gives this copy the worker-0 RNG of the epoch."""
+        """Set the epoch (the mosaic/mixup gate; keyed draws carry their own epoch)."""
         self.epoch = epoch
-        self.rng = self._make_rng(0)
 
-    def init_worker(self, worker_id: int) -> None:
-        """In a loader worker: the RNG of (seed, rank, epoch, worker_id), and ``random`` seeded from it."""
-        self.rng = self._make_rng(worker_id)
-        key = np.random.SeedSequence([self.seed, self.rank, self.epoch, worker_id]).generate_state(2)
-        random.seed(int(key[0]) << 32 | int(key[1]))
+    def sample_rng(self, key: SampleKey | int) -> np.random.Generator:
+        """The draw RNG of a sample: from its place in the epoch (a :class:`SampleKey`), or for a bare index
+        (direct access) from (seed, epoch, index)."""
+        if isinstance(key, SampleKey):
+            return np.random.default_rng([self.seed, key.epoch, key.position])
+        return np.random.default_rng([self.seed, self.epoch, int(key)])
 
     @property
     def special_allowed(self) -> bool:
@@ -156,18 +152,20 @@ class FredDataset(Dataset):
         boxes = np.concatenate([entry.boxes, np.zeros((len(entry.boxes), 1), np.float32)], axis=1)
         return images, boxes
 
-    def draw(self, index: int):
-        """The augmentation draw of sample ``index`` from this copy's RNG (advances it)."""
+    def draw(self, key: SampleKey | int):
+        """The augmentation draw of a sample (a :class:`SampleKey` or an index): a pure function of its key."""
+        index = key.index if isinstance(key, SampleKey) else int(key)
         sample = self.samples[index]
         partners = self._partners[(sample.use_rgb, sample.use_event)]
-        return draw_augmentation(self.rng, index, partners, self.special_allowed, self.mosaic, self.mixup,
-                                 self.jitter, self.hsv_gains or (0.0, 0.0, 0.0))
+        return draw_augmentation(self.sample_rng(key), index, partners, self.special_allowed, self.mosaic,
+                                 self.mixup, self.jitter, self.hsv_gains or (0.0, 0.0, 0.0))
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, key: SampleKey | int) -> dict:
+        index = key.index if isinstance(key, SampleKey) else int(key)
         sample = self.samples[index]
         entry = sample.entry
         if self.train:
-            draw = self.draw(index)
+            draw = self.draw(key)
             composite = compose(draw, self._load, self.input_shape)
             images, boxes = composite.images, composite.boxes
             if "rgb" in images and self.hsv_gains is not None:
@@ -248,22 +246,74 @@ def build_loader(dataset: FredDataset, batch_size: int, train: bool, num_workers
 
     ``batch_size`` is per process. Training: a :class:`common.data.GlobalBatchSampler` over the global batch
     (order depends only on (seed, epoch); drop_last, so a dataset smaller than one global batch raises
-    "dataset too small"); evaluation: sequential, keeping the last batch. Workers are seeded by
-    :class:`common.data.WorkerSeeder`, which calls ``dataset.init_worker``; ``persistent_workers`` is off so each
-    epoch's workers see the epoch set by :func:`set_loader_epoch`.
+    "dataset too small"; keyed samples seed each draw); evaluation: sequential, keeping the last batch. Workers are
+    seeded by :class:`common.data.WorkerSeeder`; ``persistent_workers`` is off so each epoch's workers see the epoch
+    set by :func:`common.data.set_loader_epoch`.
     """
-    dataset.set_rank(rank)
     sampler = GlobalBatchSampler(len(dataset), batch_size * world_size, seed=seed, rank=rank, world_size=world_size,
-                                 shuffle=train, drop_last=train)
+                                 shuffle=train, drop_last=train, keyed=train)
     seeder = WorkerSeeder(seed, rank)
     return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate,
                       worker_init_fn=seeder if num_workers > 0 else None, persistent_workers=False)
 
 
-def set_loader_epoch(loader: DataLoader, epoch: int, start_batch: int = 0) -> None:
-    """Before iterating an epoch: set the sampler's permutation (skipping ``start_batch`` batches when resuming),
-    the dataset's epoch (RNG key, mosaic gate) and the workers' seeds."""
-    loader.batch_sampler.set_epoch(epoch, start_batch)
-    loader.dataset.set_epoch(epoch)
-    if isinstance(loader.worker_init_fn, WorkerSeeder):
-        loader.worker_init_fn.epoch = epoch
+@dataclass
+class FredData:
+    """The loaded index and the datasets of one run (evaluation sets use the effective pairs, §5.5)."""
+
+    index: FredIndex
+    train: FredDataset
+    val: FredDataset
+    test: FredDataset
+    dark: dict[tuple[str, int], bool] | None
+
+    def eval_set(self, split: str) -> FredDataset:
+        """The evaluation dataset of ``split``."""
+        return {"train": self.train_eval, "val": self.val, "test": self.test}[split]
+
+    @functools.cached_property
+    def train_eval(self) -> FredDataset:
+        """The training split as an evaluation set (letterbox only, effective pairs)."""
+        return FredDataset(self.index.splits["train"], self.val.modality, self.val.input_shape, train=False)
+
+
+def load_data(cfg: FredConfig, notify: Callable[[str], None]) -> FredData:
+    """Generate the demo dataset if no root is configured, build or reuse the fusion annotations, make datasets."""
+    root = cfg.fred_root
+    if cfg.uses_demo_data:
+        started = time.perf_counter()
+        root = ensure_fred_demo(cfg.demo_root, seed=cfg.demo_seed, frames=cfg.demo_frames)
+        notify(f"FRED demo dataset in {root} (ready in {time.perf_counter() - started:.1f} s)")
+    params = IndexParams(pair_max_dt=cfg.pair_max_dt, event_time_offset=cfg.event_time_offset,
+                         rgb_time=cfg.rgb_time, split=cfg.split, val_fraction=cfg.val_fraction)
+    index = load_fred_index(root, cfg.fusion_threshold, cfg.annotation_dir, cfg.fusion_annotations, params, notify)
+    targets = functools.partial(get_target, input_shape=cfg.input_shape, num_classes=len(CLASS_NAMES))
+    train = FredDataset(index.splits["train"], cfg.modality, cfg.input_shape, train=True, epoch_length=cfg.epochs,
+                        mosaic=cfg.mosaic, mixup=cfg.mixup, special_aug_ratio=cfg.special_aug_ratio, seed=cfg.seed,
+                        target_fn=targets, include_unpaired=cfg.include_unpaired and cfg.modality == "dual")
+    val = FredDataset(index.splits["val"], cfg.modality, cfg.input_shape, train=False, target_fn=targets)
+    test = FredDataset(index.splits["test"], cfg.modality, cfg.input_shape, train=False)
+    if len(train) == 0:
+        wanted = (f"annotated RGB/event pairs within --fusion-threshold {cfg.fusion_threshold} s"
+                  if cfg.modality == "dual" else f"annotated {cfg.modality} frames")
+        raise FredDataError(f"the train split of {index.fred_root} has no {wanted}; check the data, the split files "
+                            "and --fusion-threshold")
+    meta = read_demo_meta(index.fred_root)
+    return FredData(index=index, train=train, val=val, test=test, dark=dark_flags(meta) if meta else None)
+
+
+def train_loader(data: FredData, cfg: FredConfig, stage: str, rank: int, world_size: int):
+    """The training loader of a stage (its batch per process), seeded by (seed, epoch)."""
+    batch = stage_batch(cfg, stage)
+    try:
+        return build_loader(data.train, batch, train=True, num_workers=cfg.num_workers, seed=cfg.seed, rank=rank,
+                            world_size=world_size)
+    except ValueError as error:
+        raise FredDataError(f"{error}: the train split has {len(data.train)} {cfg.modality} samples but the "
+                            f"{stage} stage needs a global batch of {batch * world_size}; lower "
+                            f"--{stage}-batch-size or add data") from error
+
+
+def eval_loader(dataset: FredDataset, cfg: FredConfig):
+    """A sequential loader for validation or mAP (main process only)."""
+    return build_loader(dataset, cfg.eval_batch_size, train=False, num_workers=cfg.num_workers, seed=cfg.seed)

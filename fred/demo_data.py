@@ -34,6 +34,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from common.errors import DataError
+
 GENERATOR_VERSION = 2
 META_NAME = "demo_meta.json"
 FPS = 30.0
@@ -56,7 +58,7 @@ BACKGROUNDS = ("sky", "silhouettes", "wall")
 BOX_ASPECT = 0.9  # box height / span: the quadcopter is seen slightly from below
 
 
-class DemoDataError(RuntimeError):
+class DemoDataError(DataError):
     """Invalid generator parameters, or an output folder that exists but is not a generated demo."""
 
 

@@ -29,6 +29,7 @@ from torch import nn
 
 from common.checkpoint import atomic_write_text
 from common.det_metrics import DetectionEvaluator
+from fred.config import FredConfig
 from fred.decode import detect
 from fred.index import CLASS_NAMES
 
@@ -274,7 +275,9 @@ def summary_line(summary: dict) -> str:
     if "voc_ap50" in summary:
         parts.append(f"VOC-AP50 {summary['voc_ap50']:.4f}")
     if "ap50_dark" in summary:
-        parts.append(f"AP50 dark {summary['ap50_dark']:.4f} / bright {summary['ap50_bright']:.4f}")
+        shown = [f"{summary[f'ap50_{name}']:.4f}" if summary.get(f"n_images_{name}") else "n/a (no such frames)"
+                 for name in ("dark", "bright")]
+        parts.append(f"AP50 dark {shown[0]} / bright {shown[1]}")
     return " | ".join(parts)
 
 
@@ -305,5 +308,11 @@ def write_results(path: Path, summary: dict, title: str) -> Path:
         lines.append(f"VOC AP50 (all-point) {summary['voc_ap50']:.6f}")
     for name in ("dark", "bright"):
         if f"ap50_{name}" in summary:
-            lines.append(f"AP50 {name} frames ({summary[f'n_images_{name}']} images) {summary[f'ap50_{name}']:.6f}")
+            value = f"{summary[f'ap50_{name}']:.6f}" if summary[f"n_images_{name}"] else "n/a"
+            lines.append(f"AP50 {name} frames ({summary[f'n_images_{name}']} images) {value}")
     return atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def eval_settings(cfg: FredConfig, max_batches: int | None = None) -> EvalSettings:
+    """Evaluation options of a configuration."""
+    return EvalSettings(conf_thres=cfg.eval_conf, voc=cfg.voc_ap50, max_batches=max_batches)

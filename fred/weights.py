@@ -19,17 +19,15 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from common.checkpoint import CheckpointError, load_checkpoint, strip_wrapper_prefixes
+
 BACKBONE_BLOCKS = ("stem", "dark2", "dark3", "dark4", "dark5")
 DISCRIMINATOR_PREFIX = "pair_disc."
 EVENT_BACKBONE_INITS = ("copy", "random")
 
 
-class WeightsError(RuntimeError):
+class WeightsError(CheckpointError):
     """A weights file cannot be used for this model (unreadable, wrong content or another architecture)."""
-
-
-def _strip_module(key: str) -> str:
-    return key[len("module."):] if key.startswith("module.") else key
 
 
 def _is_tensor_dict(obj) -> bool:
@@ -38,14 +36,7 @@ def _is_tensor_dict(obj) -> bool:
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a weights file and return its model state dict (flat, ``state_dict``, or a full state's ``ema``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"{path}: weights file not found; pass an existing .pth file")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt, truncated or pickled objects: one message naming the file
-        raise WeightsError(f"{path}: cannot be read as a tensors-only .pth file ({type(exc).__name__}: {exc}); "
-                           "re-export it as a plain state dict") from exc
+    obj = load_checkpoint(path, what="weights file")
     if _is_tensor_dict(obj):
         state = obj
     elif isinstance(obj, Mapping) and _is_tensor_dict(obj.get("ema")):
@@ -56,7 +47,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         found = sorted(obj)[:10] if isinstance(obj, Mapping) else type(obj).__name__
         raise WeightsError(f"{path}: not a state dict, {{'state_dict': ...}} or a full training state with 'ema' "
                            f"(found {found}); pass a model weights file")
-    return {_strip_module(k): v for k, v in state.items()}
+    return strip_wrapper_prefixes(state)
 
 
 def strip_discriminator(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -142,7 +133,7 @@ def load_strict(model: nn.Module, source: str | Path | Mapping[str, torch.Tensor
     the first differing keys when the architecture differs.
     """
     if isinstance(source, Mapping):
-        label, state = name or "state dict", {_strip_module(k): v for k, v in source.items()}
+        label, state = name or "state dict", strip_wrapper_prefixes(source)
     else:
         label, state = name or str(source), read_state_dict(source)
     model_state = model.state_dict()

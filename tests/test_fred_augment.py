@@ -13,7 +13,8 @@ from PIL import Image
 
 from fred.augment import (MIXUP_SOURCE, AugmentDraw, PlacementDraw, TileDraw, compose, draw_augmentation,
                           hsv_jitter, letterbox, letterbox_boxes, letterbox_geometry)
-from fred.dataset import FredDataset, build_loader, collate, set_loader_epoch
+from common.data import SampleKey, set_loader_epoch
+from fred.dataset import FredDataset, build_loader, collate
 from fred.index import load_fred_index, rgb_time_index
 
 INPUT = (96, 128)  # (h, w)
@@ -205,24 +206,17 @@ def test_no_mosaic_or_mixup_from_special_aug_ratio(twin_dataset):
         assert all(d.kind == "plain" and d.mixup_source is None for d in draws)
 
 
-def test_draws_differ_across_workers_and_epochs_and_reproduce(twin_dataset):
+def test_draws_are_keyed_by_epoch_and_position_and_reproduce(twin_dataset):
     _, entries = twin_dataset
     dataset = _dataset(entries)
 
-    def draws(epoch, worker, rank=0):
-        dataset.set_rank(rank)
-        dataset.set_epoch(epoch)
-        dataset.init_worker(worker)
-        return [dataset.draw(i) for i in range(6)]
+    def draws(epoch, offset=0):
+        return [dataset.draw(SampleKey(i, epoch, i + offset)) for i in range(6)]
 
-    reference = draws(1, 0)
-    assert draws(1, 0) == reference
-    assert draws(1, 1) != reference
-    assert draws(2, 0) != reference
-    assert draws(1, 0, rank=1) != reference
-    dataset.set_rank(0)
-    dataset.set_epoch(1)  # with 0 workers set_epoch gives the worker-0 RNG
-    assert [dataset.draw(i) for i in range(6)] == reference
+    reference = draws(1)
+    assert draws(1) == reference  # a pure function of the key: nothing to advance, so a resume repeats it
+    assert draws(2) != reference
+    assert draws(1, offset=6) != reference  # the same samples at other places of the epoch
 
 
 def test_loader_with_workers_reproduces_per_epoch(twin_dataset):
@@ -230,14 +224,19 @@ def test_loader_with_workers_reproduces_per_epoch(twin_dataset):
     def target_fn(boxes):
         return [np.full((3, 2, 2, 6), len(boxes), np.float32)] * 3
 
-    def epoch_batches(epoch):
+    def epoch_batches(epoch, workers=2, start_batch=0):
         dataset = _dataset(entries, target_fn=target_fn)
-        loader = build_loader(dataset, batch_size=4, train=True, num_workers=2, seed=5)
-        set_loader_epoch(loader, epoch)
+        loader = build_loader(dataset, batch_size=4, train=True, num_workers=workers, seed=5)
+        set_loader_epoch(loader, epoch, start_batch)
         return list(loader)
 
     first, again, other = epoch_batches(0), epoch_batches(0), epoch_batches(1)
     assert len(first) == 3
+    # The same batches without workers, and from the middle of the epoch (a resumed run).
+    for a, b in zip(first, epoch_batches(0, workers=0)):
+        assert torch.equal(a["rgb"], b["rgb"]) and torch.equal(a["event"], b["event"])
+    for a, b in zip(first[1:], epoch_batches(0, workers=0, start_batch=1)):
+        assert torch.equal(a["rgb"], b["rgb"]) and torch.equal(a["image_id"], b["image_id"])
     for a, b in zip(first, again):
         assert torch.equal(a["rgb"], b["rgb"]) and torch.equal(a["image_id"], b["image_id"])
     assert not all(torch.equal(a["rgb"], b["rgb"]) for a, b in zip(first, other))

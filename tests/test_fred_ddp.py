@@ -51,7 +51,7 @@ def run_switch(accelerator, rewrap: bool) -> dict:
     from fred.config import DEMO
     from fred.loss import YOLOLoss
     from fred.model import backbone_parameters, build_model
-    from fred.training import build_optimizer, freeze_policies, training_losses
+    from fred.recipe import build_optimizer, freeze_policies, training_losses
 
     cfg = dataclasses.replace(DEMO, input_shape=INPUT, optimizer="sgd", init_lr=0.05, weight_decay=5e-4)
     rank = accelerator.process_index

@@ -22,7 +22,7 @@ from fred.demo_data import dark_flags, ensure_fred_demo, read_demo_meta
 from fred.evaluate import EvalSettings, evaluate_detections, stream_detections
 from fred.index import load_fred_index
 from fred.model import ANCHORS, ANCHORS_MASK, STRIDES, build_model, model_meta
-from fred.training import export_weights
+from fred.outputs import export_weights
 
 SMALL_DEMO = {"frames": 20}  # the same session demo as tests/test_fred_demo_data.py (generated once)
 INPUT = (128, 128)

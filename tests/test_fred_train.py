@@ -92,7 +92,9 @@ def resumed_run(base_args, tmp_path_factory) -> tuple[Path, subprocess.Completed
                   "--freeze-training", "--save-dir", str(run))
     after_freeze = {p.name for p in run.glob("*.pth")}
     freeze_last = state(run / "last_epoch_weights.pth")["epoch"]
-    second = train("--save-dir", str(run), "--resume")
+    # The same command without --freeze-training continues the run (a bare --resume is the notes' spelling of auto).
+    second = train(*base_args, "--epochs", "4", "--freeze-epoch", "2", "--save-period", "1", "--eval-period", "2",
+                   "--save-dir", str(run), "--resume")
     return run, second, {"first": first, "after_freeze": after_freeze, "freeze_last": freeze_last}
 
 
@@ -116,7 +118,7 @@ def test_four_epoch_run_writes_every_file(straight_run):
     assert [n[:5] for n in exports] == ["ep002", "ep004"]
     full = state(straight_run / "unfreeze_epoch_4_weights.pth")
     assert FULL_STATE_KEYS <= set(full) and full["epoch"] == 4 and full["stage"] == "unfreeze"
-    assert full["format_version"] == 1 and full["model_meta"]["phi"] == "n"
+    assert full["format_version"] == 2 and full["model_meta"]["phi"] == "n"
     assert not any(k.startswith("module.") for k in full["model"])
     best = state(straight_run / "fred_fusion_best.pth")
     assert set(best) == set(full["ema"]) and all(isinstance(v, torch.Tensor) for v in best.values())
@@ -181,19 +183,24 @@ def test_backbones_frozen_then_trained(resumed_run):
         assert not same(parameters_of(initial, prefix), parameters_of(epoch1["model"], prefix))
 
 
-def test_plain_rerun_refuses(base_args, straight_run):
+def test_rerun_of_a_finished_run_is_complete_and_never_is_refused(base_args, straight_run):
     before = snapshot(straight_run)
-    result = train(*base_args, "--epochs", "4", "--freeze-epoch", "2", "--save-dir", str(straight_run), check=False)
-    assert result.returncode == 2
-    message = result.stderr.strip().splitlines()[-1]
-    assert "unfreeze_epoch_4_weights.pth" in message
-    assert all(flag in message for flag in ("--resume", "--overwrite", "--save-dir"))
+    args = (*base_args, "--epochs", "4", "--freeze-epoch", "2", "--save-period", "2", "--eval-period", "2",
+            "--save-dir", str(straight_run))
+    again = train(*args)
+    assert "complete:" in again.stdout and "nothing to do" in again.stdout
+    refused = train(*args, "--resume", "never", check=False)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    message = refused.stderr.strip().splitlines()[-1]
+    assert message.startswith("error: ") and "last_epoch_weights.pth" in message
+    assert all(flag in message for flag in ("--resume auto", "--overwrite", "--save-dir"))
     assert snapshot(straight_run) == before
 
 
-def test_other_architecture_is_refused_and_nothing_lost(straight_run):
+def test_other_architecture_is_refused_and_nothing_lost(base_args, straight_run):
     before = snapshot(straight_run)
-    result = train("--resume-from", str(straight_run / "unfreeze_epoch_4_weights.pth"), "--phi", "s", check=False)
+    result = train(*base_args, "--save-dir", str(straight_run), "--resume-from",
+                   str(straight_run / "unfreeze_epoch_4_weights.pth"), "--phi", "s", check=False)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "refusing to resume" in result.stderr and "phi n" in result.stderr and "phi s" in result.stderr
