@@ -195,6 +195,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{what} {path} does not exist")
+    if not zipfile.is_zipfile(path):  # torch.save writes zip archives; a cut-off write loses the central directory
+        raise CheckpointError(f"{what} {path} is truncated or corrupt (not a complete PyTorch archive); use an "
+                              "earlier file or delete this one")
     try:
         with torch.serialization.safe_globals(list(safe_globals)):
             return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)

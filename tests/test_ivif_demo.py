@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from common import ivif_demo
+from common.ivif import demo as ivif_demo
 from common.errors import DataError
 from common.fusion_metrics import evaluate_triplet
 from common.ivif.data import discover_file_pairs
