@@ -25,7 +25,7 @@ from common.ivif.evaluation import beats_average, quality_report, read_test_pair
 from common.pairing import list_images
 from maefuse.inference import (FusionResult, ResizeMode, fuse_pairs, model_from_weights, read_fusion_record,
                                write_fusions)
-from maefuse.model import MaeFuse
+from maefuse.model import SIZE_PRESETS, MaeFuse
 
 METRICS = ("EN", "SD", "SF", "AG", "MI", "SCD", "VIF", "Qabf", "SSIM", "PSNR", "CC")
 """The spec §7 metric set (MI in bits, VIF and SSIM summed over the two sources)."""
@@ -128,7 +128,8 @@ def evaluate(args: EvaluateArgs, log: Callable[[str], None] = print, console: Co
         ckpt = args.ckpt or record.get("ckpt")
         if ckpt is None:
             raise ConfigError("--baseline latent_mean needs the weights: pass --ckpt FULL.pth")
-        model, report = model_from_weights(ckpt, model_size=record.get("model_size") if img_size is None else None,
+        recorded_size = record.get("model_size")  # for weight files without meta (the released ones)
+        model, report = model_from_weights(ckpt, model_size=recorded_size if recorded_size in SIZE_PRESETS else None,
                                            device=args.device)
         log(report.describe())
         img_size = model.size.img_size

@@ -30,7 +30,7 @@ from common.ivif.data import FilePair, discover_file_pairs
 from common.ivif.evaluation import FusedPair, read_test_pair, save_fusion_grid
 from maefuse.model import (FusionAttention, MaeFuse, denormalize_255, evaluation, gray_to_input, resolve_size,
                            size_from_meta)
-from maefuse.weights import LoadReport, WeightsFileError, apply_weights, read_weights
+from maefuse.weights import LoadReport, apply_weights, read_weights
 
 ResizeMode = Literal["stretch", "pad"]
 FusePath = Literal["full", "cfm", "mean"]
@@ -294,8 +294,6 @@ class FuseArgs:
 
 def fuse(args: FuseArgs, log: Callable[[str], None] = print) -> list[FusionResult]:
     """The `fuse` subcommand: load, fuse every pair of `data_path`, write the images and `fusion.json`."""
-    if not Path(args.ckpt).is_file():
-        raise WeightsFileError(f"weight file not found: {args.ckpt}; pass --ckpt FULL.pth")
     model, report = model_from_weights(args.ckpt, model_size=args.model_size, fusion_attention=args.fusion_attention,
                                        unsafe_load=args.unsafe_load, device=args.device)
     log(report.describe())

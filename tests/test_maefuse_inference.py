@@ -99,17 +99,18 @@ def test_pad_mode_keeps_the_size_and_the_aspect(data, models):
 
 
 def test_evaluate_writes_metrics_and_the_average_baseline(data, models, tmp_path):
-    """`evaluate`: metrics.csv (3 images + mean), summary.json with the average baseline (identical output path:
-    the model-grid average resized back) and `beats_average`."""
+    """`evaluate`: metrics.csv (3 images + mean), summary.json with the average and latent-mean baselines (identical
+    output path: e.g. the model-grid average resized back) and `beats_average`."""
     ckpt = save_epoch_weights(tmp_path / "w", models["tokens"], training_mode="train_MFM_fusion_CFM_open", epoch=0,
                               preset="demo")[0]
     fuse(FuseArgs(ckpt=ckpt, data_path=data, out_dir=tmp_path / "out", device="cpu"), log=lambda line: None)
-    summary = evaluate(EvaluateArgs(fused_dir=tmp_path / "out", data_path=data, metrics=("Qabf", "SSIM", "VIF")),
-                       log=lambda line: None)
+    summary = evaluate(EvaluateArgs(fused_dir=tmp_path / "out", data_path=data, metrics=("Qabf", "SSIM", "VIF"),
+                                    baseline="both"), log=lambda line: None)
     lines = (tmp_path / "out" / "metrics.csv").read_text().splitlines()
     assert lines[0] == "name,VIF,Qabf,SSIM" and [line.split(",")[0] for line in lines[1:]] == ["a", "b", "c", "mean"]
     saved = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert saved["means"] == summary["means"] and set(saved["baselines"]) == {"average"}
+    assert saved["means"] == summary["means"] and set(saved["baselines"]) == {"average", "latent_mean"}
+    assert (tmp_path / "out" / "metrics_latent_mean.csv").is_file()
     assert set(saved["beats_average"]) == {"Qabf", "SSIM", "VIF", "at_least_2_of_3"}
     pairs = discover_file_pairs(data, "paired", modality_tokens=False)
     baseline = fuse_pairs(None, pairs, img_size=S, baselines=("average",))
