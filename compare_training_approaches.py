@@ -24,6 +24,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common.checkpoint import atomic_write_bytes  # noqa: E402
+from common.errors import UserError  # noqa: E402
 from common.lossdump import load_mat  # noqa: E402
 
 LOWER_IS_BETTER = ("MSE", "Nabf")
@@ -47,7 +48,7 @@ class CompareConfig:
     end_to_end: Path = Path("models/end_to_end")
     """Run folder of the end-to-end run (holds loss/loss_data_end_to_end_e<k>.mat)."""
     out: Path | None = None
-    """Figure path (default: training_comparison_<YYYYmmdd_HHMMSS>.png)."""
+    """Figure path (default: training_comparison_<YYYYmmdd_HHMMSS>.png beside the end-to-end run folder)."""
     window: int = 100
     """Moving-average window (capped at a tenth of the shorter run)."""
     last: int = 1000
@@ -58,7 +59,7 @@ class CompareConfig:
     """Also open the figure in a window."""
 
 
-class CompareError(Exception):
+class CompareError(UserError):
     """A run cannot be compared (missing folder or loss dumps)."""
 
 
@@ -114,11 +115,17 @@ def load_run(label: str, folder: Path, warnings: list[str]) -> RunLosses:
     return RunLosses(label, folder, newest, loss, iters, len(list(folder.glob(model_glob))), info, metrics)
 
 
-def loss_stats(loss: np.ndarray) -> dict[str, float]:
-    """Steps, final, min, mean, std and the mean of the last 100 updates (last 10 when there are fewer)."""
-    tail = 100 if len(loss) >= 100 else 10
+def recent_window(*losses: np.ndarray) -> int:
+    """Updates averaged for the "recent mean": 100, or 10 when a run has fewer than 100 (never more than the
+    shorter run), the same for both runs so their means compare."""
+    shortest = min(len(loss) for loss in losses)
+    return min(100 if shortest >= 100 else 10, shortest)
+
+
+def loss_stats(loss: np.ndarray, tail: int) -> dict[str, float]:
+    """Steps, final, min, mean, std and the mean of the last ``tail`` updates."""
     return {"steps": len(loss), "final": float(loss[-1]), "min": float(loss.min()), "mean": float(loss.mean()),
-            "std": float(loss.std()), f"mean last {min(tail, len(loss))}": float(loss[-tail:].mean())}
+            "std": float(loss.std()), f"mean last {tail}": float(loss[-tail:].mean())}
 
 
 def nested(info: dict, keys: tuple[str, ...]):
@@ -209,7 +216,8 @@ def print_report(console, a: RunLosses, b: RunLosses) -> None:
     """Per-run statistics, the relative difference, model counts and the stage-1 compute."""
     from rich.table import Table
 
-    stats = {run.label: loss_stats(run.loss) for run in (a, b)}
+    tail = recent_window(a.loss, b.loss)
+    stats = {run.label: loss_stats(run.loss, tail) for run in (a, b)}
     table = Table(title="fusion loss")
     table.add_column("")
     for run in (a, b):
@@ -262,12 +270,8 @@ def main(cfg: CompareConfig) -> int:
 
     console = Console(highlight=False, soft_wrap=True)
     warnings: list[str] = []
-    try:
-        two_stage = load_run("two-stage", cfg.two_stage, warnings)
-        end_to_end = load_run("end-to-end", cfg.end_to_end, warnings)
-    except CompareError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    two_stage = load_run("two-stage", cfg.two_stage, warnings)
+    end_to_end = load_run("end-to-end", cfg.end_to_end, warnings)
 
     def warn(message: str) -> None:
         console.print(f"WARNING: {message}", markup=False)
@@ -278,7 +282,7 @@ def main(cfg: CompareConfig) -> int:
     if not metric_report(console, two_stage, end_to_end, warn):
         console.print("no metrics table: evaluate both runs on the same test set (--mode evaluate) to compare them")
     figure = plot_comparison(two_stage, end_to_end, cfg.window, cfg.last)
-    out = cfg.out or Path(f"training_comparison_{time.strftime('%Y%m%d_%H%M%S')}.png")
+    out = cfg.out or cfg.end_to_end.parent / f"training_comparison_{time.strftime('%Y%m%d_%H%M%S')}.png"
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=cfg.dpi)
     atomic_write_bytes(out, buffer.getvalue())
@@ -291,5 +295,6 @@ def main(cfg: CompareConfig) -> int:
 
 if __name__ == "__main__":
     from common.cli import parse
+    from common.run import exit_on_user_error
 
-    sys.exit(main(parse(CompareConfig)))
+    sys.exit(exit_on_user_error(lambda: main(parse(CompareConfig))))

@@ -38,7 +38,8 @@ FRED_MODALITIES = {"rgb": "rgb", "event": "event", "dual": "dual", "fusion": "du
 FRED_STAGES = ("auto", "freeze", "unfreeze")
 # Flags of one invocation, never part of the command that continues a run (with their value, if any).
 INVOCATION_FLAGS = {"--resume": True, "--resume-from": True, "--resume-state": True, "--stop-after": True,
-                    "--overwrite": False, "--checkpoint": True}
+                    "--overwrite": False, "--checkpoint": True, "--freeze-training": False, "--quick-test": False,
+                    "--eval-only": False}
 RECORD = "run.json"
 
 

@@ -59,8 +59,8 @@ def train_kind(kind: RunKind, cfg: CrossFuseConfig, accelerator, console, run: R
     signature = stages.signature(cfg, kind, settings, data_sha256, encoders)
     checkpoints = CheckpointManager(stages.checkpoint_dir(cfg, kind), kind, keep_last=cfg.run.keep_checkpoints,
                                     width=6)
-    plan = plan_resume(cfg.resume, checkpoints.paths(), checkpoints.directory, overwrite=cfg.run.overwrite,
-                       outputs=stages.earlier_outputs(folder, kind))
+    plan = plan_resume(stages.resume_value(cfg, kind), checkpoints.paths(), checkpoints.directory,
+                       overwrite=cfg.run.overwrite, outputs=stages.earlier_outputs(folder, kind))
     if plan.action == "complete":
         compare_signature(checkpoints.directory / "DONE.json", plan.record["signature"],
                           {**signature, "soft": {}}, cfg.run.resume_force, console.warn)
@@ -226,9 +226,12 @@ def main(cfg: CrossFuseConfig, notices: list[str], argv: list[str]) -> int:
     if cfg.mode == "train":
         plan = stages.stage_plan(cfg)
         for kind in plan:  # fail early, before anything is written
+            stages.resume_value(cfg, kind)
             stages.training_pairs(cfg, stages.stage_settings(cfg, kind), accelerator.num_processes)
             if kind == "fusion" and len(plan) == 1:
                 stages.encoder_files(cfg, kind)
+        largest = max((stages.stage_settings(cfg, kind) for kind in plan), key=lambda settings: settings.train_num)
+        stages.check_training_images(cfg, largest)
         for kind in plan:
             code = train_kind(kind, cfg, accelerator, console, run, preemption, argv)
             if code is not None:

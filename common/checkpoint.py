@@ -44,14 +44,15 @@ OUTPUT_ERRNOS = {errno.ENOSPC: "the disk is full: free space or choose another o
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
-def _file_mode() -> int:
-    """0o666 minus the process umask: what ``open()`` would give (``mkstemp`` alone gives 0o600)."""
+def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
-    return 0o666 & ~mask
+    return mask
 
 
-FILE_MODE = _file_mode()
+# What open() and mkdir() would give: mkstemp/mkdtemp alone make files 0o600 and folders 0o700 (private).
+FILE_MODE = 0o666 & ~_umask()
+DIRECTORY_MODE = 0o777 & ~_umask()
 
 
 class CheckpointError(UserError):

@@ -87,6 +87,9 @@ def image_to_array(image: Image.Image, *, name: str, high_bit_depth: HighBitDept
 
 
 def _minmax_to_uint8(values: np.ndarray, name: str, mode: str) -> np.ndarray:
+    if not np.isfinite(values).all():
+        bad = int((~np.isfinite(values)).sum())
+        raise DataError(f"{name}: {mode} image holds {bad} NaN or infinite pixel(s); repair or remove the file")
     warnings.warn(f"{name}: {mode} image scaled per image (min-max) to 0..255", stacklevel=3)
     low, high = float(values.min()), float(values.max())
     if high == low:

@@ -26,7 +26,9 @@ def plot_curves(path: str | Path, curves: Mapping[str, tuple[Sequence[float], Se
         keep = np.isfinite(x) & np.isfinite(y)
         if logy:
             keep &= y > 0
-        axis.plot(x[keep], y[keep], label=label, linewidth=1.2)
+        # Few points (per-epoch curves, evaluations every N epochs) get markers, so a single point is visible too.
+        axis.plot(x[keep], y[keep], label=label, linewidth=1.2, marker="o" if keep.sum() <= 40 else None,
+                  markersize=3)
     for position in vlines:
         axis.axvline(position, color="grey", linestyle=":", linewidth=0.8)
     if logy:

@@ -40,7 +40,7 @@ DEMO_METRICS = ("EN", "SD", "SF", "AG", "MI", "FMI_pixel", "FMI_dct", "SCD", "VI
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Training data (spec §5)."""
+    """Training data."""
 
     root: tuple[Path, ...] = ()
     """Data roots (KAIST-style lwir/+visible/, or paired ir/+vi/ folders, or a local save_to_disk dataset),
@@ -61,7 +61,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    """Fusion loss weights (spec §3): total = pix + 10 gra + w_ssim ssim."""
+    """Fusion loss weights: total = pix + 10 gra + w_ssim ssim."""
 
     w_ssim: float = 0.0
     """Weight of the fork's optional MS-SSIM term (0 = official loss)."""
@@ -69,7 +69,7 @@ class LossConfig:
 
 @dataclass(frozen=True)
 class LrMultConfig:
-    """Learning-rate multipliers of the optimizer parameter groups (spec §4.1); equal values give the fork's
+    """Learning-rate multipliers of the optimizer parameter groups ; equal values give the fork's
     single rate."""
 
     ir_encoder: float = 1.0
@@ -84,7 +84,7 @@ class LrMultConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Network options (spec §2)."""
+    """Network options."""
 
     shift: bool = False
     """Roll the second self-attention stage by half a window (the original's test-time shift; a no-op up to
@@ -110,7 +110,7 @@ class InitConfig:
 
 @dataclass(frozen=True)
 class AutoencoderConfig:
-    """Stage 1 of the two-stage approach: one auto-encoder per modality trained for reconstruction (§4.2)."""
+    """Stage 1 of the two-stage approach: one auto-encoder per modality trained for reconstruction."""
 
     epochs: int = 4
     """Epochs per auto-encoder."""
@@ -128,7 +128,7 @@ class AutoencoderConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Fusion of held-out pairs and their metrics (spec §7)."""
+    """Fusion of held-out pairs and their metrics."""
 
     root: Path | None = None
     """Test images (generic layout: ir/ + vi/ folders); set, the pairs are fused and scored after training too.
@@ -153,7 +153,8 @@ class EvalConfig:
     baseline: Literal["none", "average"] = "none"
     """Also score the averaging fusion rint((IR+VIS)/2) into metrics_average.*."""
     metrics: tuple[str, ...] = ()
-    """Metric columns (default: all of spec/metrics.md)."""
+    """Metric columns (default: all fusion metrics: EN, SD, SF, AG, MI, FMI, SCD, VIF, Qabf, Nabf, SSIM, MS_SSIM,
+    PSNR, MSE, CC)."""
     out: Path | None = None
     """Folder of the fused images (default: output/[run-name/]<tag>)."""
 

@@ -25,7 +25,7 @@ import torch
 
 from common import checkpoint as ckpt
 from common.errors import UserError
-from common.ivif.data import load_pairs, pairs_listing, select_pairs
+from common.ivif.data import check_pair_headers, load_pairs, pairs_listing, select_pairs
 from common.plots import plot_curves
 from common.run import environment_info
 from common.schedules import Schedule
@@ -176,6 +176,26 @@ def training_pairs(cfg: CrossFuseConfig, settings: StageSettings, world_size: in
         raise TrainingSetupError(f"{len(pairs)} training pairs cannot fill one batch of {settings.batch}; lower "
                                  "--batch or add data")
     return pairs, sha256, iters_per_epoch
+
+
+def check_training_images(cfg: CrossFuseConfig, settings: StageSettings) -> None:
+    """Read the headers of every selected pair before training (unreadable files, mismatched pair sizes), so bad
+    data stops the run at once with its file named, not in a loader worker hours later."""
+    check_pair_headers(select_pairs(load_pairs(cfg.data.root, cfg.data.layout), settings.train_num,
+                                    cfg.data.selection))
+
+
+def resume_value(cfg: CrossFuseConfig, kind: RunKind) -> str:
+    """`--resume` as it applies to `kind`: a checkpoint path belongs to the stage its name says (the command's other
+    stages continue automatically); a path of no stage this command trains is an error."""
+    if cfg.resume in ("auto", "never"):
+        return cfg.resume
+    parsed = ckpt.parse_checkpoint_name(Path(cfg.resume).name)
+    plan = stage_plan(cfg)
+    if parsed is None or parsed[0] not in plan:
+        raise ckpt.CheckpointError(f"--resume {cfg.resume} is not a checkpoint of a stage this command trains "
+                                   f"({', '.join(plan)}; names look like <stage>_step_<N>.pth); use --resume auto")
+    return cfg.resume if parsed[0] == kind else "auto"
 
 
 def make_schedule(name: str, unit: str, epochs: int, iters_per_epoch: int) -> Schedule:

@@ -25,7 +25,7 @@ Modality = Literal["rgb", "event", "dual"]
 
 @dataclass(frozen=True)
 class FredConfig:
-    """Train or evaluate the RGB + Event YOLOv5 drone detector on FRED (spec/fred.md)."""
+    """Train or evaluate the RGB + Event YOLOv5 drone detector on FRED."""
 
     # ---------------------------------------------------------------------------------------------- data
     fred_root: Path | None = None

@@ -10,14 +10,15 @@ import pytest
 
 import compare_training_approaches as compare
 from common.lossdump import save_mat
+from common.run import exit_on_user_error
 
 ITERS = 7
 EPOCHS = 12  # e0..e11: lexicographic order would pick e9, numeric order e11
 
 
-def make_run(folder, stem, seed, size, losses, metrics=None, conventions="MI in bits"):
-    """A run folder with cumulative dumps e0..e11 of `losses`, a run_info.json and optionally eval metrics."""
-    for epoch in range(EPOCHS):
+def make_run(folder, stem, seed, size, losses, metrics=None, conventions="MI in bits", epochs=EPOCHS):
+    """A run folder with cumulative dumps e0..e<epochs-1> of `losses`, a run_info.json and optionally eval metrics."""
+    for epoch in range(epochs):
         count = (epoch + 1) * ITERS
         save_mat(folder / "loss" / f"{stem}_e{epoch}.mat",
                  {"loss_data": losses[:count], "iters_per_epoch": ITERS, "global_batch": 4})
@@ -108,9 +109,23 @@ def test_metric_table_prefers_lower_mse_and_nabf(runs, capsys):
     assert rows["MSE"].rstrip("│ ").endswith("two-stage") and rows["Qabf"].rstrip("│ ").endswith("end-to-end")
 
 
+def test_short_runs_compare_and_the_figure_goes_beside_the_runs(tmp_path, capsys, monkeypatch):
+    """Runs of unequal length, one under 100 updates (7 and 140), compare on the same recent window (the last 7),
+    and without --out the figure lands beside the run folders, not in the current folder."""
+    make_run(tmp_path / "transfuse", "loss_data_trans", 0, [48, 48], np.linspace(900, 600, ITERS), epochs=1)
+    make_run(tmp_path / "end_to_end", "loss_data_end_to_end", 0, [48, 48], np.linspace(950, 500, 20 * ITERS),
+             epochs=20)
+    monkeypatch.chdir(tmp_path / "transfuse")
+    code = exit_on_user_error(lambda: compare.main(config(tmp_path, out=None)))
+    assert code == 0, capsys.readouterr().err
+    assert "mean last 7" in capsys.readouterr().out
+    assert len(list(tmp_path.glob("training_comparison_*.png"))) == 1
+    assert not list((tmp_path / "transfuse").glob("*.png"))
+
+
 def test_missing_run_exits_2_with_the_command_that_creates_it(runs, capsys):
     tmp_path, _, _ = runs
-    code = compare.main(config(tmp_path, two_stage=tmp_path / "absent"))
+    code = exit_on_user_error(lambda: compare.main(config(tmp_path, two_stage=tmp_path / "absent")))
     assert code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: no two-stage loss dumps") and "--approach two-stage" in err

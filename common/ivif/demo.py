@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from common.checkpoint import DIRECTORY_MODE
 from common.errors import DataError
 
 TRAIN_COUNT = 128
@@ -197,6 +198,7 @@ def ensure_ivif_demo(root: str | Path, seed: int = 0) -> Path:
         raise DataError(f"{root} exists and is not a demo dataset folder; choose an empty or new folder")
     root.parent.mkdir(parents=True, exist_ok=True)
     temporary = Path(tempfile.mkdtemp(prefix=f".{root.name}.partial-", dir=root.parent))
+    os.chmod(temporary, DIRECTORY_MODE)  # mkdtemp makes it private; the dataset is for everyone
     try:
         write_ivif_demo(temporary, seed)
         try:
