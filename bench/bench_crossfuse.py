@@ -1,13 +1,12 @@
-"""CrossFuse training throughput at 256x256 on the CPU, and the trainer's overhead over a raw PyTorch loop.
+"""CrossFuse training: the trainer's overhead over a raw PyTorch loop, on the CPU.
 
-For the fusion stage (frozen encoders) and end-to-end training, the trainer (`train_end_to_end.py`, in this process)
-runs one epoch on generated 256x256 pairs. Its iteration time is the median interval between the starts of
-consecutive training steps (data loading, step and bookkeeping included; medians resist a shared machine's
-spikes); the epoch-end cost (loss dump, `.model` export, full checkpoint) is timed on its own. The floor is a plain
-loop over the same dataset, batch order, network, Adam groups and loss, without Accelerate, logging or saving,
-timed the same way. Prints a markdown table with the machine.
+For the fusion stage (frozen encoders) and end-to-end training, `train_end_to_end.py` runs in this process for one
+epoch on generated pairs, and a raw loop runs the same pairs in the same order through the same network, Adam
+groups, learning rates and loss, without Accelerate, the kit's step, loss series, schedules, logging or saving.
+Both are timed per iteration (interval between step starts; bench/timing.py) in interleaved repeats; the final
+fusion weights of the two must be bitwise equal (CPU, fp32). Prints a markdown table with the machine.
 
-    OMP_NUM_THREADS=2 python bench/bench_crossfuse.py [--batch 2] [--iterations 6]
+    OMP_NUM_THREADS=1 python bench/bench_crossfuse.py [--size 256] [--batch 2] [--iterations 8] [--repeats 4]
 """
 
 from __future__ import annotations
@@ -26,123 +25,119 @@ from scipy import ndimage
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import train_end_to_end  # noqa: E402
+from bench.timing import interleaved, intervals, machine, overhead, states_equal, trainer_step_starts  # noqa: E402
 from common.cli import parse  # noqa: E402
 from common.data import GlobalBatchSampler  # noqa: E402
-from common.ivif.data import IVIFPairDataset, discover_file_pairs  # noqa: E402
-from common.run import environment_info, seed_everything  # noqa: E402
-from crossfuse.losses import fusion_loss  # noqa: E402
-from crossfuse.model import AutoEncoder, CrossFuseModel, FusionNet, parameter_groups  # noqa: E402
-from crossfuse.weights import load_model_file, save_model_file  # noqa: E402
-
-SIZE = 256
+from common.ivif.data import IVIFPairDataset, load_pairs, select_pairs  # noqa: E402
+from common.run import seed_everything  # noqa: E402
+from common.schedules import set_base_lrs  # noqa: E402
+from crossfuse import stages  # noqa: E402
+from crossfuse.config import load_config  # noqa: E402
+from crossfuse.model import AutoEncoder  # noqa: E402
+from crossfuse.weights import read_state_dict, save_model_file  # noqa: E402
 
 
 @dataclass(frozen=True)
 class BenchConfig:
-    """CrossFuse CPU training benchmark."""
+    """CrossFuse CPU training benchmark: trainer against a raw loop."""
 
+    size: int = 256
+    """Training image side (the paper's 256)."""
     batch: int = 2
     """Global batch (one process)."""
-    iterations: int = 6
-    """Iterations per measurement (the first interval is dropped as warm-up)."""
+    iterations: int = 8
+    """Iterations per run (the first interval is dropped as warm-up)."""
+    repeats: int = 4
+    """Interleaved repeats of each loop."""
 
 
-def write_pairs(folder: Path, count: int) -> None:
-    """`count` smooth random 256x256 IR/VIS pairs as 8-bit PNG in `folder/{ir,vi}`."""
+def write_pairs(folder: Path, count: int, size: int) -> None:
+    """`count` smooth random IR/VIS pairs as 8-bit PNG in `folder/{ir,vi}`."""
     rng = np.random.default_rng(0)
     for name in ("ir", "vi"):
         (folder / name).mkdir(parents=True, exist_ok=True)
     for index in range(count):
         for name, sigma in (("ir", 6.0), ("vi", 1.5)):
-            image = ndimage.gaussian_filter(rng.normal(128, 60, (SIZE, SIZE)), sigma) * 4 - 384
+            image = ndimage.gaussian_filter(rng.normal(128, 60, (size, size)), sigma) * 4 - 384
             Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(folder / name / f"{index:04d}.png")
 
 
-def median_interval(starts: list[float]) -> float:
-    """Median time between consecutive step starts, without the first (warm-up) interval."""
-    return float(np.median(np.diff(starts)[1:]))
-
-
-def trainer_timing(kind: str, data: Path, work: Path, cfg: BenchConfig, encoders: Path) -> tuple[float, float]:
-    """(seconds per iteration, seconds of the epoch-end save) of the trainer for one epoch of `cfg.iterations`."""
-    import train_end_to_end
-    from crossfuse.training import StageRun
-
-    starts: list[float] = []
-    saves: list[float] = []
-    train_step, end_epoch = StageRun.train_step, StageRun.end_epoch
-
-    def timed_step(run, batch):
-        starts.append(time.perf_counter())
-        return train_step(run, batch)
-
-    def timed_end_epoch(run):
-        started = time.perf_counter()
-        end_epoch(run)
-        saves.append(time.perf_counter() - started)
-
-    argv = ["--data.root", str(data), "--height", str(SIZE), "--width", str(SIZE), "--batch", str(cfg.batch),
+def trainer_argv(kind: str, data: Path, save_dir: Path, cfg: BenchConfig, encoders: Path) -> list[str]:
+    """The command line of one epoch of `cfg.iterations` iterations."""
+    argv = ["--data.root", str(data), "--height", str(cfg.size), "--width", str(cfg.size), "--batch", str(cfg.batch),
             "--train-num", str(cfg.iterations * cfg.batch), "--epochs", "1", "--step", str(cfg.iterations),
-            "--checkpoint-every", "0", "--no-tensorboard", "--data.workers", "0", "--save-dir", str(work / kind)]
+            "--no-tensorboard", "--data.workers", "0", "--save-dir", str(save_dir), "--resume", "never"]
     if kind == "fusion":
         argv += ["--approach", "two-stage", "--stage", "fusion", "--init.ae-ir", str(encoders), "--init.ae-vi",
                  str(encoders)]
-    StageRun.train_step, StageRun.end_epoch = timed_step, timed_end_epoch
-    try:
+    return argv
+
+
+def trainer_run(argv: list[str]) -> list[float]:
+    """Iteration intervals of the trainer for one epoch."""
+    with trainer_step_starts() as starts:
         code = train_end_to_end.cli(argv)
-    finally:
-        StageRun.train_step, StageRun.end_epoch = train_step, end_epoch
     if code != 0:
-        raise RuntimeError(f"trainer failed for {kind}")
-    return median_interval(starts), saves[0]
+        raise RuntimeError(f"the trainer failed ({code}) with {argv}")
+    return intervals(starts)
 
 
-def raw_seconds_per_step(kind: str, data: Path, cfg: BenchConfig, encoders: Path) -> float:
-    """Seconds per iteration of a plain PyTorch loop over the same data, network, optimizer groups and loss."""
-    pairs = discover_file_pairs(data)[: cfg.iterations * cfg.batch]
-    dataset = IVIFPairDataset(pairs, size=(SIZE, SIZE))
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=GlobalBatchSampler(len(pairs), cfg.batch, 0))
-    seed_everything(0)
-    ir_encoder, vi_encoder = AutoEncoder(), AutoEncoder()
-    frozen = kind == "fusion"
-    if frozen:
-        load_model_file(ir_encoder, encoders)
-        load_model_file(vi_encoder, encoders)
-    model = CrossFuseModel(ir_encoder, vi_encoder, FusionNet(learnable_temperature=not frozen), freeze_encoders=frozen)
+def raw_run(argv: list[str], final: dict) -> list[float]:
+    """The same epoch as a raw PyTorch loop over the task's own pieces; its fusion weights go to ``final``."""
+    cfg, _ = load_config(argv)
+    kind = stages.stage_plan(cfg)[-1]
+    layout, settings = stages.LAYOUTS[kind], stages.stage_settings(cfg, kind)
+    pairs = select_pairs(load_pairs(cfg.data.root, cfg.data.layout), settings.train_num, cfg.data.selection)
+    dataset = IVIFPairDataset(pairs, size=(cfg.height, cfg.width), seed=cfg.seed)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=GlobalBatchSampler(len(pairs), settings.batch, cfg.seed))
+    seed_everything(cfg.seed)
+    model = stages.build_model(cfg, kind, stages.encoder_files(cfg, kind), lambda message: None)
     model.train()
-    optimizer = torch.optim.Adam(parameter_groups(model), lr=1e-3, weight_decay=0.9)
+    groups = stages.optimizer_groups(model, kind)
+    optimizer = torch.optim.Adam(groups, lr=settings.lr, betas=stages.ADAM_BETAS, eps=stages.ADAM_EPS,
+                                 weight_decay=settings.weight_decay, fused=True)
+    mults = [settings.lr_mults[group["name"]] for group in groups]
+    set_base_lrs(optimizer, [settings.lr * m for m in mults], [cfg.min_lr * m for m in mults])
+    schedule = stages.make_schedule(settings.schedule, cfg.lr_schedule_unit, settings.epochs, len(loader))
+    for group in optimizer.param_groups:
+        group["lr"] = schedule(0, group["base_lr"], group["min_lr"])
     starts = []
     for batch in loader:
         starts.append(time.perf_counter())
-        output = model(batch["ir"], batch["vi"])
-        loss = fusion_loss(output.fused, batch["ir"], batch["vi"]).total
-        optimizer.zero_grad(set_to_none=True)
+        loss, _ = stages.losses(layout, model, batch, cfg.loss.w_ssim)
         loss.backward()
         optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
     starts.append(time.perf_counter())
-    return median_interval(starts)
+    final.update({k: v.detach().clone() for k, v in model.fusion.state_dict().items()})
+    return intervals(starts)
 
 
 def main(cfg: BenchConfig) -> None:
-    """Run both measurements for both kinds and print the table."""
-    info = environment_info()
+    """Both kinds: interleaved trainer and raw runs, the bitwise check and the table."""
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_crossfuse_") as temporary:
         work = Path(temporary)
         data = work / "pairs"
-        write_pairs(data, cfg.iterations * cfg.batch)
+        write_pairs(data, cfg.iterations * cfg.batch, cfg.size)
         torch.manual_seed(0)
         encoders = save_model_file(AutoEncoder(), work / "auto_encoder_epoch_1_ir.model")
         for kind in ("fusion", "end-to-end"):
-            per_step, save = trainer_timing(kind, data, work, cfg, encoders)
-            raw = raw_seconds_per_step(kind, data, cfg, encoders)
-            rows.append((kind, cfg.batch / per_step, cfg.batch / raw, per_step / raw - 1.0, save))
-    print(f"\nCrossFuse training at {SIZE}x{SIZE}, batch {cfg.batch}, CPU: {info['cpu']} ({info['cpu_count']} cores, "
-          f"{torch.get_num_threads()} torch threads), torch {info['torch']}, {time.strftime('%Y-%m-%d')}\n")
-    print("| run | trainer samples/s | raw loop samples/s | trainer overhead per iteration | epoch-end save (s) |")
-    print("|---|---:|---:|---:|---:|")
-    for kind, trainer, raw, overhead, fixed in rows:
-        print(f"| {kind} | {trainer:.3f} | {raw:.3f} | {overhead:+.1%} | {fixed:.2f} |")
+            raw_final: dict = {}
+            argvs = [trainer_argv(kind, data, work / f"{kind}-{repeat}", cfg, encoders) for repeat in range(cfg.repeats)]
+            trainer_times, raw_times = interleaved(lambda r: trainer_run(argvs[r]),
+                                                   lambda r: raw_run(argvs[r], raw_final), cfg.repeats)
+            folder = stages.run_folder(load_config(argvs[-1])[0], kind)
+            name = "end_to_end_fusion_epoch_1.model" if kind == "end-to-end" else "fusetrans_epoch_1.model"
+            equal = states_equal(read_state_dict(folder / name), raw_final)
+            rows.append((kind, *overhead(trainer_times, raw_times), equal, len(trainer_times)))
+    print(f"\nCrossFuse training at {cfg.size}x{cfg.size}, batch {cfg.batch}, CPU: {machine()}\n")
+    print("| run | trainer s/iteration | raw loop s/iteration | overhead (median) | final weights bitwise equal | "
+          "iterations timed per loop |")
+    print("|---|---:|---:|---:|---|---:|")
+    for kind, trainer, raw, extra, equal, count in rows:
+        print(f"| {kind} | {trainer:.3f} | {raw:.3f} | {extra:+.1%} | {'yes' if equal else 'NO'} | {count} |")
 
 
 if __name__ == "__main__":

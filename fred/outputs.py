@@ -350,7 +350,7 @@ def next_steps(cfg: FredConfig, run_dir: Path, end: int) -> list[str]:
     steps = []
     if end < cfg.epochs:
         steps.append("rerun the same command without --freeze-training to train the unfreeze stage")
-    sequence = "data/fred_demo/<sequence>" if cfg.uses_demo_data else "<FRED>/<sequence>"
+    sequence = f"{cfg.demo_root}/<sequence>" if cfg.uses_demo_data else "<FRED>/<sequence>"
     steps += [f"python predict_fred_fusion.py --weights {run_dir / BEST_WEIGHTS} --sequence {sequence} "
               f"--conf {SAMPLE_CONF}",
               f"tensorboard --logdir {run_dir}"]
