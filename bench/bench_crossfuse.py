@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import train_end_to_end  # noqa: E402
-from bench.timing import interleaved, intervals, machine, overhead, states_equal, trainer_step_starts  # noqa: E402
+from bench.timing import interleaved, intervals, machine, overhead, states_equal, trainer_run  # noqa: E402
 from common.cli import parse  # noqa: E402
 from common.data import GlobalBatchSampler  # noqa: E402
 from common.ivif.data import IVIFPairDataset, load_pairs, select_pairs  # noqa: E402
@@ -74,15 +74,6 @@ def trainer_argv(kind: str, data: Path, save_dir: Path, cfg: BenchConfig, encode
     return argv
 
 
-def trainer_run(argv: list[str]) -> list[float]:
-    """Iteration intervals of the trainer for one epoch."""
-    with trainer_step_starts() as starts:
-        code = train_end_to_end.cli(argv)
-    if code != 0:
-        raise RuntimeError(f"the trainer failed ({code}) with {argv}")
-    return intervals(starts)
-
-
 def raw_run(argv: list[str], final: dict) -> list[float]:
     """The same epoch as a raw PyTorch loop over the task's own pieces; its fusion weights go to ``final``."""
     cfg, _ = load_config(argv)
@@ -126,7 +117,7 @@ def main(cfg: BenchConfig) -> None:
         for kind in ("fusion", "end-to-end"):
             raw_final: dict = {}
             argvs = [trainer_argv(kind, data, work / f"{kind}-{repeat}", cfg, encoders) for repeat in range(cfg.repeats)]
-            trainer_times, raw_times = interleaved(lambda r: trainer_run(argvs[r]),
+            trainer_times, raw_times = interleaved(lambda r: trainer_run(train_end_to_end.cli, argvs[r]),
                                                    lambda r: raw_run(argvs[r], raw_final), cfg.repeats)
             folder = stages.run_folder(load_config(argvs[-1])[0], kind)
             name = "end_to_end_fusion_epoch_1.model" if kind == "end-to-end" else "fusetrans_epoch_1.model"

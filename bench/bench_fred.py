@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import train_fred_fusion  # noqa: E402
-from bench.timing import interleaved, intervals, machine, overhead, states_equal, trainer_step_starts  # noqa: E402
+from bench.timing import interleaved, intervals, machine, overhead, states_equal, trainer_run  # noqa: E402
 from common.data import set_loader_epoch, to_device  # noqa: E402
 from common.ema import ModelEMA  # noqa: E402
 from common.run import seed_everything  # noqa: E402
@@ -52,15 +52,6 @@ def trainer_argv(args, cache: Path, save_dir: Path) -> list[str]:
             "--modality", args.modality, "--phi", args.phi, "--input-shape", str(args.size), str(args.size),
             "--skip-freeze", "--epochs", "1", "--unfreeze-batch-size", str(args.batch), "--no-eval-map",
             "--save-dir", str(save_dir), "--resume", "never", "--log-interval", "1000"]
-
-
-def trainer_run(argv: list[str]) -> list[float]:
-    """Iteration intervals of the trainer for one epoch."""
-    with trainer_step_starts() as starts:
-        code = train_fred_fusion.cli(argv)
-    if code != 0:
-        raise RuntimeError(f"the trainer failed ({code}) with {argv}")
-    return intervals(starts)
 
 
 def raw_run(argv: list[str], final: dict) -> list[float]:
@@ -143,7 +134,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench_fred_") as temporary:
         argvs = [trainer_argv(args, args.cache, Path(temporary) / f"run{r}") for r in range(args.repeats)]
         raw_final: dict = {}
-        trainer_times, raw_times = interleaved(lambda r: trainer_run(argvs[r]),
+        trainer_times, raw_times = interleaved(lambda r: trainer_run(train_fred_fusion.cli, argvs[r]),
                                                lambda r: raw_run(argvs[r], raw_final), args.repeats)
         trained = torch.load(Path(argvs[-1][argvs[-1].index("--save-dir") + 1]) / LAST_STATE, weights_only=True)
         equal = states_equal(trained["model"], raw_final)

@@ -37,6 +37,15 @@ def trainer_step_starts() -> Iterator[list[float]]:
         OptimStep.__call__ = original
 
 
+def trainer_run(cli: Callable[[list[str]], int], argv: list[str]) -> list[float]:
+    """Iteration intervals of one in-process run of a trainer's ``cli(argv)``."""
+    with trainer_step_starts() as starts:
+        code = cli(argv)
+    if code != 0:
+        raise RuntimeError(f"the trainer failed ({code}) with {argv}")
+    return intervals(starts)
+
+
 def intervals(starts: list[float], warmup: int = 1) -> list[float]:
     """Seconds between consecutive step starts, without the first ``warmup`` (allocator and kernel warm-up)."""
     return np.diff(starts)[warmup:].tolist()
