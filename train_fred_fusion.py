@@ -44,7 +44,7 @@ from common.step import OptimStep  # noqa: E402
 from common.tracking import Best, History  # noqa: E402
 from fred import outputs, recipe  # noqa: E402
 from fred.dataset import eval_loader, load_data, train_loader  # noqa: E402
-from fred.evaluate import eval_settings, evaluate_detections, summary_line, validation_loss, write_results  # noqa: E402
+from fred.evaluate import eval_settings, evaluate_detections, validation_loss, write_results  # noqa: E402
 from fred.index import CLASS_NAMES, SPLITS  # noqa: E402
 from fred.loss import YOLOLoss  # noqa: E402
 from fred.model import build_model  # noqa: E402

@@ -8,12 +8,10 @@ no GradScaler on the CPU, and fp16 autocast there would silently run unscaled.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import platform
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable
 
