@@ -60,15 +60,15 @@ def train_kind(kind: RunKind, cfg: CrossFuseConfig, accelerator, console, run: R
     checkpoints = CheckpointManager(stages.checkpoint_dir(cfg, kind), kind, keep_last=cfg.run.keep_checkpoints,
                                     width=6)
     plan = plan_resume(stages.resume_value(cfg, kind), checkpoints.paths(), checkpoints.directory,
-                       overwrite=cfg.run.overwrite, outputs=stages.earlier_outputs(folder, kind))
-    if plan.action == "complete":
+                       overwrite=cfg.run.overwrite, outputs=stages.earlier_outputs(folder, kind), epochs=settings.epochs)
+    if plan.record is not None:  # finished before: with the same model and data order only
         compare_signature(checkpoints.directory / "DONE.json", plan.record["signature"],
                           {**signature, "soft": {}}, cfg.run.resume_force, console.warn)
-        if plan.record["epochs"] >= settings.epochs:
-            console.print(f"{kind}: complete ({plan.record['epochs']} epochs, {checkpoints.directory}); skipping")
-            return None
+    if plan.action == "complete":
+        console.print(f"{kind}: complete ({plan.record['epochs']} epochs, {checkpoints.directory}); skipping")
+        return None
+    if plan.record is not None:
         console.warn(f"{kind}: finished {plan.record['epochs']} epochs before; continuing to {settings.epochs}")
-        plan = plan_resume("auto", checkpoints.paths(), folder / "none")
     run.open(SCRIPT, cfg, argv)
     run.remove(plan.remove, f"{kind}: --overwrite")
 

@@ -72,13 +72,11 @@ def main(cfg: FredConfig, notices: list[str], argv: list[str]) -> int:
         data = load_data(cfg, console.print)
     meta = recipe.config_meta(cfg)
     plan = plan_resume(cfg.resume, outputs.state_files(run_dir), run_dir, overwrite=cfg.run.overwrite,
-                       outputs=outputs.exported_files(run_dir))
-    if plan.action == "complete" and plan.record["epochs"] >= recipe.end_epoch(cfg):
+                       outputs=outputs.exported_files(run_dir), epochs=recipe.end_epoch(cfg))
+    if plan.action == "complete":
         console.print(f"complete: {run_dir} finished {plan.record['epochs']} epochs ({run_dir / 'DONE.json'}); "
                       f"nothing to do. Its weights: {run_dir / outputs.FINAL_WEIGHTS}")
         return 0
-    if plan.action == "complete":
-        plan = plan_resume("auto", outputs.state_files(run_dir), run_dir / "none")
     seed_everything(cfg.seed)
     model = build_model(cfg.modality, cfg.phi, len(CLASS_NAMES),
                         fusion_mode=cfg.fusion_mode if cfg.modality == "dual" else None,
@@ -97,9 +95,7 @@ def main(cfg: FredConfig, notices: list[str], argv: list[str]) -> int:
     history, best = History(recipe.HISTORY), Best(*recipe.best_metric(cfg))
     state = TrainState(accelerator, SCRIPT, stage=recipe.stage_of(0, cfg), warn=console.warn, model=model, ema=ema,
                        optimizer=optimizer, history=history, best=best, series=series, step_counters=stepper)
-    state.signature = {"strict": {"architecture": recipe.describe_meta(meta)}, "soft": {name: getattr(cfg, name) for name in
-                                                                  ("epochs", "freeze_epoch", "save_period",
-                                                                   "eval_period")}}
+    state.signature = recipe.signature(cfg, meta)
     position = state.position
     log_subdir, report = outputs.RunLog.new_subdir(), None
     if plan.action == "resume":

@@ -70,7 +70,8 @@ def mark_complete(directory: str | Path, record: dict) -> Path:
 
 
 def plan_resume(value: str, checkpoints: Sequence[Path], marker_dir: str | Path, *, overwrite: bool = False,
-                outputs: Sequence[Path] = (), flag: str = "--resume", folder_flag: str = "--save-dir") -> ResumePlan:
+                outputs: Sequence[Path] = (), epochs: int | None = None, flag: str = "--resume",
+                folder_flag: str = "--save-dir") -> ResumePlan:
     """Decide what a stage does under ``--resume value``.
 
     Args:
@@ -79,6 +80,8 @@ def plan_resume(value: str, checkpoints: Sequence[Path], marker_dir: str | Path,
         marker_dir: the folder holding the stage's completion marker.
         overwrite: ``--overwrite``: delete earlier checkpoints, the marker and ``outputs`` and start fresh.
         outputs: the stage's other earlier files (exports, loss dumps) that ``--overwrite`` deletes.
+        epochs: the epochs asked for now; a stage finished with fewer (its marker's ``epochs``) continues from its
+            newest checkpoint (the caller reports the extension; the plan carries the record).
         flag, folder_flag: the trainer's names of the resume and output-folder flags (for messages).
     """
     marker = Path(marker_dir) / COMPLETE_MARKER
@@ -94,10 +97,10 @@ def plan_resume(value: str, checkpoints: Sequence[Path], marker_dir: str | Path,
                 f"{flag} auto, start over with --overwrite (deletes it), or choose another {folder_flag}")
         return ResumePlan("fresh")
     if value == "auto":
-        if record is not None:
+        if record is not None and (epochs is None or record.get("epochs", 0) >= epochs):
             return ResumePlan("complete", record=record)
         newest = newest_checkpoint(checkpoints)
-        return ResumePlan("resume", newest) if newest is not None else ResumePlan("fresh")
+        return ResumePlan("resume", newest, record) if newest is not None else ResumePlan("fresh", record=record)
     path = Path(value)
     if not path.is_file():
         raise CheckpointError(f"{flag} {path}: no such checkpoint file; pass an existing checkpoint, or {flag} auto")

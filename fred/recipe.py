@@ -181,6 +181,12 @@ def config_meta(cfg: FredConfig) -> dict:
                       discriminator=cfg.discriminator and dual)
 
 
+def signature(cfg: FredConfig, meta: dict) -> dict:
+    """What a resumed run must share (the architecture) and what may change with a report (epochs, periods)."""
+    return {"strict": {"architecture": describe_meta(meta)},
+            "soft": {name: getattr(cfg, name) for name in ("epochs", "freeze_epoch", "save_period", "eval_period")}}
+
+
 def describe_meta(meta: dict) -> str:
     """``dual phi n concat r=0.5 nc=1 128x128`` style description of a model_meta dict."""
     fusion = f" {meta.get('fusion_mode')} r={meta.get('compression_ratio')}" if meta.get("modality") == "dual" else ""
