@@ -68,7 +68,10 @@ def train_kind(kind: RunKind, cfg: CrossFuseConfig, accelerator, console, run: R
         console.print(f"{kind}: complete ({plan.record['epochs']} epochs, {checkpoints.directory}); skipping")
         return None
     if plan.record is not None:
-        console.warn(f"{kind}: finished {plan.record['epochs']} epochs before; continuing to {settings.epochs}")
+        console.warn(f"{kind}: finished {plan.record['epochs']} epochs before; " + (
+            f"continuing to {settings.epochs}" if plan.action == "resume" else
+            f"its resumable states were deleted (--prune-finished), so it trains again from the start to "
+            f"{settings.epochs}"))
     run.open(SCRIPT, cfg, argv)
     run.remove(plan.remove, f"{kind}: --overwrite")
 
