@@ -12,6 +12,8 @@ synchronises gradients); ``forward_sequence`` is the notes' name for the same ca
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -63,6 +65,11 @@ class FusionSystem(nn.Module):
         self.weight_sources.update({source.role: source for source in self.flow.sources})
         if fusion.init_from is not None:
             self.weight_sources.update({source.role: source for source in load_fusion_init(fusion.init_from, self)})
+            if fusion.arch == "colorvid" and fusion.first_frame_base != "zeros":
+                message = (f"{fusion.init_from}: FlowChroma's FusionNetV1 was trained with a zero base on frame 0; "
+                           "run it with --fusion.first-frame-base zeros to use it as trained")
+                warnings.warn(message, stacklevel=2)
+                self.warnings.append(message)
         check_exemplar_output(swintexco.output, not self.weight_sources["colornet"].random_init)
         for name in FROZEN_MODULES:
             getattr(self, name).requires_grad_(False)
