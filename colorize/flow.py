@@ -235,7 +235,11 @@ def _random_init_warning(what: str, flag: str) -> str:
 
 
 class RaftFlow(FlowModule):
-    """torchvision RAFT: both directions in one batched call, 12 updates, last prediction."""
+    """torchvision RAFT: both directions in one batched call, 12 updates, last prediction.
+
+    Frames whose shorter side is below 128 px are computed at an enlarged size (RAFT's correlation pyramid needs
+    feature maps of 16 px) and the flow is resized back like any other compute size.
+    """
 
     name = "raft"
     minimum_side = RAFT_MINIMUM_SIDE

@@ -161,7 +161,10 @@ class FusionLoss:
 
     ``criterion(outputs, frames_lab, memflow_outputs, memflow_confs=, aux=, reference_lab=, discriminator=)``
     returns ``(total, parts)``: ``total`` a 0-d float32 tensor with graph, ``parts`` a dict of detached 0-d
-    tensors named as in :data:`LOSS_PARTS` (unweighted term values; no host synchronisation).
+    tensors named as in :data:`LOSS_PARTS` (unweighted term values; no host synchronisation). The align term needs
+    ``memflow_confs``, the smoothness ``aux`` (flows and noc of ``forward_sequence(..., return_aux=True)``), the
+    contextual term ``aux`` (reference features) or ``reference_lab``, the GAN term a ``discriminator`` (passed
+    from ``gan_start_epoch`` on).
     """
 
     def __init__(self, cfg: LossConfig = LossConfig(), embed_net: nn.Module | None = None):

@@ -258,8 +258,8 @@ def _is_flowchroma_batchnorm_fusion(state: Mapping[str, torch.Tensor]) -> bool:
 
 def load_fusion_init(path: str | Path, system: nn.Module) -> list[WeightSource]:
     """Load a FlowChroma checkpoint for ``--fusion.init-from``: ``fusion_unet`` strictly into the system's fusion
-    net, the SwinTExCo keys strictly into embed_net, nonlocal_net and colornet (colornet rebuilt for the file's
-    input width). Returns the new weight sources."""
+    net, the SwinTExCo keys strictly into embed_net, nonlocal_net and colornet (colornet rebuilt, frozen, for the
+    file's input width). Call before building the optimizer. Returns the new weight sources."""
     path = Path(path)
     try:
         checkpoint = load_checkpoint(path)
@@ -283,7 +283,7 @@ def load_fusion_init(path: str | Path, system: nn.Module) -> list[WeightSource]:
         load_strict(system.nonlocal_net, checkpoint["swintexco_nonlocal"], path, "nonlocal_net (swintexco_nonlocal)")
         sources.append(WeightSource("nonlocal_net", str(path), digest, "--fusion.init-from"))
     if "swintexco_colornet" in checkpoint:
-        colornet = _colornet_for(checkpoint["swintexco_colornet"], path)
+        colornet = _colornet_for(checkpoint["swintexco_colornet"], path).requires_grad_(False).eval()
         system.colornet = colornet.to(next(system.nonlocal_net.parameters()).device)
         sources.append(WeightSource("colornet", str(path), digest, "--fusion.init-from"))
     return sources
