@@ -26,6 +26,7 @@ from PIL import Image
 from colorize.config import DataConfig, EvalConfig
 from colorize.data import ReferencePool, VideoSequence, ValidationSequence, load_validation_sequence
 from colorize.lab import normalized_lab_to_rgb
+from colorize.system import FusionSystem
 from common.checkpoint import atomic_write_json, atomic_write_text
 from common.plots import save_image_grid
 
@@ -67,7 +68,7 @@ def frames_from_ab(lightness: torch.Tensor, ab: torch.Tensor) -> list[np.ndarray
 
 
 @torch.no_grad()
-def colorize_sequence(system: torch.nn.Module, sequence: ValidationSequence,
+def colorize_sequence(system: FusionSystem, sequence: ValidationSequence,
                       device: torch.device | str = "cpu") -> dict[str, list[np.ndarray]]:
     """Colorize one sequence in eval mode; uint8 RGB frames of ``fused``, ``gray``, ``exemplar`` and ``gt``."""
     was_training = system.training
@@ -106,28 +107,30 @@ def _write_frames(folder: Path, frames: list[np.ndarray]) -> None:
         Image.fromarray(frame).save(folder / f"{index:05d}.png")
 
 
-def _mean(values: Sequence[float]) -> float:
-    finite = [value for value in values if not math.isnan(value)]
-    return float(np.mean(finite)) if finite else float("nan")
+def summarize(rows: list[dict]) -> dict[str, float]:
+    """Mean over videos of each metric column present in ``rows`` (NaN skipped; NaN when nothing is finite)."""
+    summary = {}
+    for column in METRIC_COLUMNS:
+        values = [row[column] for row in rows if column in row and not math.isnan(row[column])]
+        if any(column in row for row in rows):
+            summary[column] = float(np.mean(values)) if values else float("nan")
+    return summary
 
 
 def write_metrics_csv(path: Path, rows: list[dict]) -> Path:
-    """One row per video, then ``mean`` (NaN skipped); columns :data:`CSV_COLUMNS`, absent metrics empty."""
+    """One row per video, then ``mean`` (:func:`summarize`); columns :data:`CSV_COLUMNS`, absent metrics empty."""
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
-    for row in rows:
-        writer.writerow(row)
-    mean = {"video": "mean", "n_frames": sum(row["n_frames"] for row in rows)}
-    mean.update({column: _mean([row[column] for row in rows]) for column in METRIC_COLUMNS if rows and column in rows[0]})
-    writer.writerow(mean)
+    writer.writerows(rows)
+    writer.writerow({"video": "mean", "n_frames": sum(row["n_frames"] for row in rows), **summarize(rows)})
     return atomic_write_text(path, buffer.getvalue())
 
 
-def evaluate(system: torch.nn.Module, sequences: Sequence[VideoSequence], data_cfg: DataConfig,
+def evaluate(system: FusionSystem, sequences: Sequence[VideoSequence], data_cfg: DataConfig,
              eval_cfg: EvalConfig, out_dir: str | Path, device: torch.device | str = "cpu") -> dict:
-    """Evaluate ``system`` and the gray/exemplar baselines on whole sequences; write the §7 files; return the
-    content of ``metrics.json``."""
+    """Evaluate ``system`` (unwrapped) and the gray/exemplar baselines on whole sequences; write the §7 files;
+    return the content of ``metrics.json``."""
     out_dir = Path(out_dir)
     pool = ReferencePool(data_cfg.imagenet) if data_cfg.imagenet is not None and data_cfg.reference == "mixed" else None
     rows: dict[str, list[dict]] = {method: [] for method in METHODS}
@@ -147,11 +150,8 @@ def evaluate(system: torch.nn.Module, sequences: Sequence[VideoSequence], data_c
     pending = "not computed in this pass yet (hookup to common.video_metrics pending)"
     omitted = {"LPIPS": "no --eval.lpips-backbone" if eval_cfg.lpips_backbone is None else pending,
                "FID": "no --eval.fid-weights" if eval_cfg.fid_weights is None else pending}
-    metrics = {method: {column: _mean([row[column] for row in rows[method]])
-                        for column in METRIC_COLUMNS if rows[method] and column in rows[method][0]}
-               for method in METHODS}
+    metrics = {method: summarize(rows[method]) for method in METHODS}
     metrics.update({"n_sequences": len(sequences), "n_frames": total_frames, "warp_flow": WARP_FLOW,
-                    "eval_temperature": getattr(system.exemplar_config, "eval_temperature", None),
-                    "omitted": omitted})
+                    "eval_temperature": system.exemplar_config.eval_temperature, "omitted": omitted})
     atomic_write_json(out_dir / "metrics.json", metrics)
     return metrics
