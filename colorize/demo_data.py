@@ -12,10 +12,11 @@ so the real DAVIS loader reads it (the demo sets ``--data.imagenet DIR/reference
 Each scene is built in LAB at the 64-px training scale and rendered x1.5: a textured background (oriented sine
 stripes of 0.25-0.6 rad/px, a checker of period 4-7 px, or blurred noise; L = 35 + 40 texture) in one hue per
 sequence (chroma 30-55), seen by a camera panning up to 2.5 px/frame per axis; two discs of radius 7-12 px with
-their own luminance texture (L 30-85) and constant hues about +90 and -90 degrees (+-23) from the background's
-(chroma 40-65), moving up to 2.5 px/frame, occluding each other and the border. The hues are random, so colour
-can only come from the reference and from propagation; the textures make flow and matching well posed. Each
-sequence's generator is seeded by (seed, split, index), so equal seeds give identical files.
+their own luminance texture (L 30-85, of another kind than the background's, so matching can tell them apart) and
+constant hues about +90 and -90 degrees (+-23) from the background's (chroma 40-65), moving up to 2.5 px/frame,
+occluding each other and the border; both are at least half visible in the references. The hues are random, so
+colour can only come from the reference and from propagation; the textures make flow and matching well posed.
+Each sequence's generator is seeded by (seed, split, index), so equal seeds give identical files.
 """
 
 from __future__ import annotations
@@ -74,8 +75,10 @@ class Texture:
         return ndimage.map_coordinates(self.field, [y + centre, x + centre], order=1, mode="reflect")
 
 
-def _texture(rng: np.random.Generator) -> Texture:
-    kind = ("stripes", "checker", "noise")[int(rng.integers(3))]
+def _texture(rng: np.random.Generator, exclude: str | None = None) -> Texture:
+    """A random texture, of any kind but ``exclude``."""
+    kinds = [k for k in ("stripes", "checker", "noise") if k != exclude]
+    kind = kinds[int(rng.integers(len(kinds)))]
     field = None
     if kind == "noise":
         raw = ndimage.gaussian_filter(rng.standard_normal((NOISE_FIELD, NOISE_FIELD)), rng.uniform(1.2, 2.0))
@@ -98,7 +101,7 @@ class Disc:
     ab: tuple[float, float]
 
 
-def _disc(rng: np.random.Generator, hue: float) -> Disc:
+def _disc(rng: np.random.Generator, hue: float, background_kind: str) -> Disc:
     radius = rng.uniform(7.0, 12.0)
     start, end = REFERENCE_TIMES
     while True:  # half visible or more at both reference times, hence during the whole clip
@@ -111,7 +114,8 @@ def _disc(rng: np.random.Generator, hue: float) -> Disc:
     low = rng.uniform(30.0, 50.0)
     chroma = rng.uniform(40.0, 65.0)
     return Disc((float(centre[0]), float(centre[1])), (float(velocity[0]), float(velocity[1])), radius,
-                _texture(rng), (low, rng.uniform(25.0, 85.0 - low)), (chroma * np.cos(hue), chroma * np.sin(hue)))
+                _texture(rng, background_kind), (low, rng.uniform(25.0, 85.0 - low)),
+                (chroma * np.cos(hue), chroma * np.sin(hue)))
 
 
 @dataclass(frozen=True)
@@ -134,7 +138,8 @@ def make_scene(seed: int, split: str, index: int) -> DemoScene:
     camera_origin = tuple(float(v) for v in rng.uniform(-20.0, 20.0, size=2))
     camera_velocity = tuple(float(v) for v in rng.uniform(-MAX_SPEED, MAX_SPEED, size=2))
     offsets = np.deg2rad(rng.uniform(-23.0, 23.0, size=2))
-    discs = (_disc(rng, hue + np.pi / 2 + offsets[0]), _disc(rng, hue - np.pi / 2 + offsets[1]))
+    discs = (_disc(rng, hue + np.pi / 2 + offsets[0], background.kind),
+             _disc(rng, hue - np.pi / 2 + offsets[1], background.kind))
     return DemoScene(background, (chroma * np.cos(hue), chroma * np.sin(hue)), camera_origin, camera_velocity, discs)
 
 

@@ -141,7 +141,8 @@ def evaluate(system: FusionSystem, sequences: Sequence[VideoSequence], data_cfg:
         count = len(frames["gt"])
         total_frames += count
         for method in METHODS:
-            rows[method].append({"video": sequence.name, "n_frames": count, **score_video(frames[method], frames["gt"])})
+            scores = score_video(frames[method], frames["gt"])
+            rows[method].append({"video": sequence.name, "n_frames": count, **scores})
             if eval_cfg.save_frames:
                 _write_frames(out_dir / "frames" / method / sequence.name, frames[method])
         write_samples(out_dir / "samples" / f"{sequence.name}.png", frames, eval_cfg.sample_frames)

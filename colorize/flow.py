@@ -407,7 +407,8 @@ class MemFlowAdapter(FlowModule):
 
     def _estimate(self, current, previous):
         current_input, previous_input = _network_input(current), _network_input(previous)
-        pairs = (torch.stack((current_input, previous_input), dim=1), torch.stack((previous_input, current_input), dim=1))
+        pairs = (torch.stack((current_input, previous_input), dim=1),
+                 torch.stack((previous_input, current_input), dim=1))
         flows = []
         for index, (stream, images) in enumerate(zip(self._streams, pairs)):
             padder = self._padder_class(images.shape)

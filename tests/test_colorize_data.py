@@ -12,7 +12,8 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from colorize.config import DataConfig
-from colorize.data import ClipDataset, ReferencePool, find_sequences, find_validation_sequences, load_validation_sequence
+from colorize.data import (ClipDataset, ReferencePool, find_sequences, find_validation_sequences,
+                           load_validation_sequence)
 from colorize.demo_data import FRAMES, SPLITS, ensure_demo_dataset, make_scene, render_rgb
 from common.errors import DataError
 from tests.colorize_helpers import demo_data_config, demo_root, no_network  # noqa: F401

@@ -60,7 +60,8 @@ def test_local_backbone_file(download_spy, tmp_path):
     assert download_spy == [] and not branch.embed_random_init
     assert branch.sources[0].sha256 and branch.sources[0].path == str(path)
     embedded = branch.embed_net.state_dict()
-    assert torch.equal(embedded["pretrained.patch_embed.proj.weight"], classifier.state_dict()["patch_embed.proj.weight"])
+    assert torch.equal(embedded["pretrained.patch_embed.proj.weight"],
+                       classifier.state_dict()["patch_embed.proj.weight"])
     assert not any("head" in key for key in embedded)
 
     wrong = timm.create_model("swinv2_cr_tiny_ns_224", img_size=(DEMO_SIZE, DEMO_SIZE), embed_dim=48,

@@ -14,7 +14,8 @@ from colorize.system import FusionSystem
 from colorize.weights import (FUSION_FORMAT, WeightFileError, export_swintexco, load_fusion_init,
                               save_fusion_checkpoint)
 from common.errors import ConfigError, UserError
-from tests.colorize_helpers import DEMO_EXEMPLAR, DEMO_FUSION, DEMO_SIZE, demo_system, no_network, random_lab  # noqa: F401,E501
+from tests.colorize_helpers import (DEMO_EXEMPLAR, DEMO_FUSION, DEMO_SIZE, demo_system, no_network,  # noqa: F401
+                                    random_lab)
 
 pytestmark = pytest.mark.usefixtures("no_network")
 
