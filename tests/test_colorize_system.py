@@ -62,8 +62,8 @@ def test_shapes_groups_and_one_step():
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        system = FusionSystem(FlowConfig(backend="raft", allow_random_init=True), DEMO_EXEMPLAR, fusion=DEMO_FUSION,
-                              image_size=DEMO_SIZE)
+        system = FusionSystem(FlowConfig(backend="raft", allow_random_init=True, raft_updates=2), DEMO_EXEMPLAR,
+                              fusion=DEMO_FUSION, image_size=DEMO_SIZE)
     frames, reference = _clip()
     system.train()
     assert not system.embed_net.training and not system.colornet.training and system.nonlocal_net.training
