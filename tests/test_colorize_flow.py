@@ -29,10 +29,10 @@ def _translated_pair() -> tuple[torch.Tensor, torch.Tensor]:
     rng = np.random.default_rng(0)
     field = ndimage.gaussian_filter(rng.random((96, 96)), 1.5)
     field = (field - field.min()) / (field.max() - field.min())
+    field = torch.from_numpy(np.round(field * 255) / 255).float()
     previous = field[16:80, 16:80]
     current = field[16 - SHIFT_Y:80 - SHIFT_Y, 16 - SHIFT_X:80 - SHIFT_X]
-    as_tensor = lambda image: torch.from_numpy(np.round(image * 255) / 255).float()[None, None]  # noqa: E731
-    return as_tensor(previous), as_tensor(current)
+    return previous[None, None], current[None, None]
 
 
 def _interior(x: torch.Tensor, margin: int = 8) -> torch.Tensor:

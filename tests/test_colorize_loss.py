@@ -66,10 +66,9 @@ def test_no_nan_under_autocast():
 def _translating_outputs(shift: int = 2):
     """Two frames whose ab pattern moves ``shift`` px right, the matching backward flow and noc."""
     columns = torch.arange(32.0).view(1, 1, 1, 32).expand(1, 2, 16, 32)
-    pattern = lambda x: 0.5 * torch.sin(0.3 * x)  # noqa: E731
     lightness = torch.zeros(1, 1, 16, 32)
-    previous = torch.cat((lightness, pattern(columns)), dim=1).requires_grad_(True)
-    current = torch.cat((lightness, pattern(columns - shift)), dim=1).requires_grad_(True)
+    previous = torch.cat((lightness, 0.5 * torch.sin(0.3 * columns)), dim=1).requires_grad_(True)
+    current = torch.cat((lightness, 0.5 * torch.sin(0.3 * (columns - shift))), dim=1).requires_grad_(True)
     flow = torch.zeros(1, 2, 16, 32)
     flow[:, 0] = -shift
     noc = torch.ones(1, 1, 16, 32)
