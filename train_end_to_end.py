@@ -99,7 +99,8 @@ def train_kind(kind: RunKind, cfg: CrossFuseConfig, accelerator, console, run: R
     schedule = stages.make_schedule(settings.schedule, cfg.lr_schedule_unit, settings.epochs, iters_per_epoch)
     model, optimizer = accelerator.prepare(model, optimizer)
     check_amp_invariant(accelerator)
-    stepper = OptimStep(accelerator, optimizer, model, max_nonfinite=stages.MAX_NONFINITE_STEPS, warn=console.warn)
+    stepper = OptimStep(accelerator, optimizer, model, max_grad_norm=settings.grad_clip,
+                        max_nonfinite=stages.MAX_NONFINITE_STEPS, warn=console.warn)
     series = LossSeries(layout.series)
     state = TrainState(accelerator, SCRIPT, checkpoints, stage=kind, warn=console.warn, model=model,
                        optimizer=optimizer, series=series, step_counters=stepper)

@@ -93,6 +93,10 @@ class ModelConfig:
     """Deep skip ratio: signed S(x) as the released weights, or |S(x)|."""
     window_batch: int = 64
     """Deep-feature windows the cross-attention processes at once."""
+    freeze_output_norm: bool = False
+    """Keep the decoder's last BatchNorm scale and shift at 1 and 0 (the demo preset turns this on): the min-max
+    output sees them only through its 1e-6, and Adam scales that tiny, steady gradient up to full steps that drive
+    the scale through zero, inverting the output."""
 
 
 @dataclass(frozen=True)
@@ -212,6 +216,9 @@ class CrossFuseConfig:
     """Cosine floor (times each group's multiplier)."""
     weight_decay: float = 0.9
     """Adam's coupled L2 weight decay (official 0.9; not AdamW)."""
+    grad_clip: float | None = None
+    """Clip the total gradient norm of the trainable parameters before each step of the fusion stage or end-to-end
+    training (None: no clipping, as the original)."""
     learnable_temperature: bool = True
     """One learnable temperature per cross-attention block (the fork's); the paper preset turns it off for
     --approach two-stage."""
@@ -246,8 +253,15 @@ def paper_defaults(base: CrossFuseConfig, approach: Approach) -> CrossFuseConfig
 
 
 def demo_defaults(base: CrossFuseConfig, approach: Approach) -> CrossFuseConfig:
-    """The demo preset (§4.4): 48x48 demo pairs, batch 4, 128 pairs, 12 epochs, decoder lr x30, cosine, temperature
-    on, no weight decay; stage 1 2 epochs at lr 1e-3; evaluation of the demo test split with the averaging baseline.
+    """The demo preset (§4.4, retuned): 48x48 demo pairs, batch 4, 128 pairs, 10 epochs, decoder lr x30, cosine,
+    temperature on, no weight decay, the decoder's output BatchNorm frozen and the gradient norm clipped at 100;
+    stage 1 2 epochs at lr 1e-3; evaluation of the demo test split with the averaging baseline.
+
+    Why the output norm is frozen: the per-image min-max output is invariant to the last BatchNorm's shift and, up
+    to the sign, to its scale, so the loss reaches them only through the min-max's 1e-6; Adam turns that tiny,
+    steady gradient into full steps at the x30 decoder rate, the scale crosses zero within ~60 updates and the output
+    inverts. Whether and when it crosses depends on float summation order, which is why the spec's 12-epoch recipe
+    passed with one thread and collapsed with two. The clip damps the gradient spikes of the first updates.
 
     The fusion stage of the two-stage approach uses exactly the end-to-end settings, so the two runs compare fairly.
     Outputs go to models/demo (a later real run in models/ never meets the demo's files); to stay small on disk
@@ -259,7 +273,7 @@ def demo_defaults(base: CrossFuseConfig, approach: Approach) -> CrossFuseConfig:
         base,
         approach=approach,
         preset="demo",
-        epochs=12,
+        epochs=10,
         lr=1e-3,
         batch=4,
         train_num=128,
@@ -270,11 +284,13 @@ def demo_defaults(base: CrossFuseConfig, approach: Approach) -> CrossFuseConfig:
         learnable_temperature=True,
         weight_decay=0.0,
         lr_mult=dataclasses.replace(base.lr_mult, decoder=30.0),
+        grad_clip=100.0,
+        model=dataclasses.replace(base.model, freeze_output_norm=True),
         data=dataclasses.replace(base.data, root=(demo_root / "train",), workers=0),
         ae=dataclasses.replace(base.ae, epochs=2, lr=1e-3, batch=4, train_num=128, weight_decay=0.0),
         eval=dataclasses.replace(base.eval, root=demo_root / "test", baseline="average", metrics=DEMO_METRICS),
         save_dir=Path("models/demo"),
-        save_every=12,
+        save_every=10,
         run=dataclasses.replace(base.run, checkpoint_every=128, prune_finished=True),
     )
 

@@ -446,9 +446,17 @@ class Weight(nn.Module):
 
 
 class FusionDecoder(nn.Module):
-    """Official `Decoder_fusion` (`decoder_fusion`): every ConvLayer has BatchNorm at index 1, no activation."""
+    """Official `Decoder_fusion` (`decoder_fusion`): every ConvLayer has BatchNorm at index 1, no activation.
 
-    def __init__(self, deep_weight: DeepWeightMode = "signed"):
+    With `freeze_output_norm` the affine scale and shift of the last BatchNorm (`conv_last.conv2d.1`) keep their
+    initial 1 and 0 (requires_grad False; the keys stay). The per-image min-max output is exactly invariant to that
+    shift and, up to the sign, to that scale: the loss reaches them only through the 1e-6 of the min-max and
+    rounding. Adam scales that tiny but steady gradient up to full-size steps, which drive the scale through zero
+    within a few dozen updates at the demo's decoder rate; the output then flips to its negative, and the gradient
+    spike of the crossing freezes the scale wherever it overshot (Adam's second moment), often below zero.
+    """
+
+    def __init__(self, deep_weight: DeepWeightMode = "signed", freeze_output_norm: bool = False):
         super().__init__()
         half, quarter = DEEP_CHANNELS // 2, DEEP_CHANNELS // 4
         self.conv1 = ConvLayer(DEEP_CHANNELS, half, 3, batch_norm=True)
@@ -460,6 +468,8 @@ class FusionDecoder(nn.Module):
             ConvLayer(quarter, quarter, 3, batch_norm=True),
         )
         self.conv_last = ConvLayer(quarter, 1, 1, batch_norm=True)
+        if freeze_output_norm:
+            self.conv_last.conv2d[1].requires_grad_(False)
         self.weight = Weight(deep_weight)
 
     def forward(
@@ -502,6 +512,7 @@ class FusionNet(nn.Module):
         shift: roll the second self-attention stage by half a window (a no-op up to rounding).
         deep_weight: 'signed' (official) or 'abs' deep skip ratio.
         window_batch: how many deep-feature windows the CAM processes at once.
+        freeze_output_norm: keep the decoder's last BatchNorm scale and shift at 1 and 0 (see `FusionDecoder`).
     """
 
     def __init__(
@@ -510,6 +521,7 @@ class FusionNet(nn.Module):
         shift: bool = False,
         deep_weight: DeepWeightMode = "signed",
         window_batch: int = 64,
+        freeze_output_norm: bool = False,
     ):
         super().__init__()
         if window_batch < 1:
@@ -519,7 +531,7 @@ class FusionNet(nn.Module):
         self.conv_gra = nn.Conv2d(SHALLOW_CHANNELS, SHALLOW_CHANNELS, 3, padding=1, bias=False)
         with torch.no_grad():
             self.conv_gra.weight.copy_(torch.tensor(LAPLACIAN).expand(SHALLOW_CHANNELS, SHALLOW_CHANNELS, 3, 3))
-        self.decoder_fusion = FusionDecoder(deep_weight)
+        self.decoder_fusion = FusionDecoder(deep_weight, freeze_output_norm)
 
     @property
     def learnable_temperature(self) -> bool:

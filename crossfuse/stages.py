@@ -152,15 +152,17 @@ class StageSettings:
     schedule: str
     weight_decay: float
     lr_mults: dict
+    grad_clip: float | None
 
 
 def stage_settings(cfg: CrossFuseConfig, kind: RunKind) -> StageSettings:
     """The settings `kind` trains with."""
     if LAYOUTS[kind].is_fusion:
         mults = dataclasses.asdict(cfg.lr_mult)
-        return StageSettings(cfg.epochs, cfg.lr, cfg.batch, cfg.train_num, cfg.lr_schedule, cfg.weight_decay, mults)
+        return StageSettings(cfg.epochs, cfg.lr, cfg.batch, cfg.train_num, cfg.lr_schedule, cfg.weight_decay, mults,
+                             cfg.grad_clip)
     return StageSettings(cfg.ae.epochs, cfg.ae.lr, cfg.ae.batch, cfg.ae.train_num, cfg.ae.lr_schedule,
-                         cfg.ae.weight_decay, {"autoencoder": 1.0})
+                         cfg.ae.weight_decay, {"autoencoder": 1.0}, None)
 
 
 def training_pairs(cfg: CrossFuseConfig, settings: StageSettings, world_size: int) -> tuple[list, str, int]:
@@ -280,7 +282,7 @@ def signature(cfg: CrossFuseConfig, kind: RunKind, settings: StageSettings, data
     strict: dict = {}
     if LAYOUTS[kind].is_fusion:
         strict = {"model.learnable_temperature": cfg.learnable_temperature, "model.shift": cfg.model.shift,
-                  "model.deep_weight": cfg.model.deep_weight}
+                  "model.deep_weight": cfg.model.deep_weight, "model.freeze_output_norm": cfg.model.freeze_output_norm}
     if kind == "fusion":
         strict["model.encoders"] = {modality: (ckpt.file_sha256(path) if path is not None else "random")
                                     for modality, path in encoders.items()}
@@ -288,7 +290,7 @@ def signature(cfg: CrossFuseConfig, kind: RunKind, settings: StageSettings, data
                    "order.height": cfg.height, "order.width": cfg.width, "order.hflip": cfg.data.hflip})
     soft = {"epochs": settings.epochs, "lr": settings.lr, "schedule": settings.schedule,
             "schedule_unit": cfg.lr_schedule_unit, "min_lr": cfg.min_lr, "weight_decay": settings.weight_decay,
-            "lr_mults": settings.lr_mults, "w_ssim": cfg.loss.w_ssim}
+            "lr_mults": settings.lr_mults, "w_ssim": cfg.loss.w_ssim, "grad_clip": settings.grad_clip}
     return {"strict": strict, "soft": soft}
 
 
@@ -299,7 +301,8 @@ def build_model(cfg: CrossFuseConfig, kind: RunKind, encoders: dict[str, Path | 
         return ReconstructionModel(AutoEncoder())
     ir_encoder, vi_encoder = AutoEncoder(), AutoEncoder()
     fusion = FusionNet(learnable_temperature=cfg.learnable_temperature, shift=cfg.model.shift,
-                       deep_weight=cfg.model.deep_weight, window_batch=cfg.model.window_batch)
+                       deep_weight=cfg.model.deep_weight, window_batch=cfg.model.window_batch,
+                       freeze_output_norm=cfg.model.freeze_output_norm)
     for modality, module in (("ir", ir_encoder), ("vi", vi_encoder)):
         if encoders.get(modality) is not None:
             say(f"{kind}: {load_model_file(module, encoders[modality]).describe()}")
@@ -361,6 +364,7 @@ def run_info(cfg: CrossFuseConfig, kind: RunKind, settings: StageSettings, pairs
         "total_updates": iters_per_epoch * settings.epochs,
         "optimizer": {"name": "Adam", "betas": list(ADAM_BETAS), "eps": ADAM_EPS,
                       "weight_decay": settings.weight_decay, "weight_decay_kind": "coupled L2",
+                      "grad_clip": settings.grad_clip,
                       "groups": {g["name"]: {"base_lr": g["base_lr"], "min_lr": g["min_lr"],
                                              "lr_mult": settings.lr_mults[g["name"]]} for g in optimizer.param_groups}},
         "schedule": {"kind": settings.schedule, "unit": cfg.lr_schedule_unit,
@@ -373,7 +377,7 @@ def run_info(cfg: CrossFuseConfig, kind: RunKind, settings: StageSettings, pairs
     }
     if layout.is_fusion:
         info["model"] = {"learnable_temperature": cfg.learnable_temperature, "shift": cfg.model.shift,
-                         "deep_weight": cfg.model.deep_weight}
+                         "deep_weight": cfg.model.deep_weight, "freeze_output_norm": cfg.model.freeze_output_norm}
         info["init"] = {key: (str(value) if value is not None else None)
                         for key, value in dataclasses.asdict(cfg.init).items()}
     if kind == "fusion":

@@ -375,6 +375,29 @@ def test_deep_weight_ratios_signed_and_abs():
         Weight("square")
 
 
+def test_output_norm_only_sets_the_sign_of_the_min_max_output_and_can_be_frozen():
+    torch.manual_seed(11)
+    fusion = FusionNet().train()
+    features = (torch.randn(2, 32, 24, 24), torch.randn(2, 128, 3, 3), torch.randn(2, 32, 24, 24),
+                torch.randn(2, 128, 3, 3))
+    norm = fusion.decoder_fusion.conv_last.conv2d[1]
+    with torch.no_grad():
+        reference = fusion(*features).fused
+        norm.weight.mul_(3.0)
+        norm.bias.add_(5.0)
+        assert torch.allclose(fusion(*features).fused, reference, atol=1e-3)
+        norm.weight.neg_()  # a scale through zero gives the negative image
+        assert torch.allclose(fusion(*features).fused, 255.0 - reference, atol=1e-3)
+
+    frozen = FusionNet(freeze_output_norm=True)
+    assert layout_of(frozen) == layout_of(FusionNet())
+    frozen_names = [name for name, p in frozen.named_parameters()
+                    if not p.requires_grad and not name.startswith("decoder_fusion.weight.")]
+    assert frozen_names == ["decoder_fusion.conv_last.conv2d.1.weight", "decoder_fusion.conv_last.conv2d.1.bias"]
+    groups = parameter_groups(CrossFuseModel(AutoEncoder(), AutoEncoder(), frozen))
+    assert sum(p.numel() for p in groups[-1]["params"]) == 138_851 - 2
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Training API: gradients, groups, frozen encoders
 

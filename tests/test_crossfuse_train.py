@@ -107,10 +107,12 @@ def test_mat_dumps_are_cumulative_with_the_spec_keys(demo):
 
 def never_trained(part: str, key: str) -> bool:
     """Parameters that get no gradient end-to-end (spec §2.2, §4.1): reconstruction decoders, conv_gra, the cross
-    blocks' qkv, the self-attention modules' final norms, and the frozen skip-weight filters."""
+    blocks' qkv, the self-attention modules' final norms, the frozen skip-weight filters, and the demo preset's
+    frozen output BatchNorm scale and shift (`--model.freeze-output-norm`)."""
     if part != "fusion":
         return key.startswith("recon_decoder1.")
     return (key.startswith(("conv_gra.", "decoder_fusion.weight."))
+            or key in ("decoder_fusion.conv_last.conv2d.1.weight", "decoder_fusion.conv_last.conv2d.1.bias")
             or (key.startswith("cross_atten_block.cross_atten_block.") and ".attn.qkv." in key)
             or (key.startswith("cross_atten_block.self_atten_block") and ".norm." in key and ".blocks." not in key))
 
@@ -129,7 +131,8 @@ def test_parameters_without_gradients_are_bitwise_unchanged(demo):
                 unchanged += 1
             elif key.endswith((".weight", ".bias")) and not torch.equal(trained[key], value):
                 changed += 1
-    assert unchanged == 2 * 8 + 1 + 2 + 4 + 8  # recon decoders, conv_gra, Weight filters, cross qkv, SA norms
+    # recon decoders, conv_gra, Weight filters, cross qkv, SA norms, output norm scale and shift
+    assert unchanged == 2 * 8 + 1 + 2 + 4 + 8 + 2
     assert changed > 100  # the trained parameters did move
 
 
