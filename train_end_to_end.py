@@ -69,8 +69,6 @@ def train_kind(kind: RunKind, cfg: CrossFuseConfig, accelerator, console, run: R
             return None
         console.warn(f"{kind}: finished {plan.record['epochs']} epochs before; continuing to {settings.epochs}")
         plan = plan_resume("auto", checkpoints.paths(), folder / "none")
-    run.open(SCRIPT, cfg, argv)
-    run.remove(plan.remove, f"{kind}: --overwrite")
 
     # Data: epoch e's order depends only on (seed, e), so stage 2 and end-to-end see identical batches.
     dataset = IVIFPairDataset(pairs, size=(cfg.height, cfg.width), hflip=cfg.data.hflip, seed=cfg.seed)
@@ -108,6 +106,9 @@ def train_kind(kind: RunKind, cfg: CrossFuseConfig, accelerator, console, run: R
         epoch, batch = divmod(position.step, iters_per_epoch)
         console.print(f"{kind}: resumed from {plan.path} at iteration {position.step} (epoch {epoch + 1}, "
                       f"batch {batch})")
+    # The run folder is written only now: weights and checkpoints that cannot be used leave it untouched.
+    run.open(SCRIPT, cfg, argv)
+    run.remove(plan.remove, f"{kind}: --overwrite")
     inner = accelerator.unwrap_model(model)
     if accelerator.is_main_process:
         write_pairs_file(folder / "pairs.txt", pairs)
