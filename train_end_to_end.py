@@ -246,9 +246,12 @@ def main(cfg: CrossFuseConfig, notices: list[str], argv: list[str]) -> int:
         if cfg.mode == "train" and evaluation_current(cfg, weights):
             console.print(f"evaluation of {weights.fusion.name} on {cfg.eval.root} is up to date "
                           f"({weights.run_dir / 'eval'}); nothing to do")
-        elif accelerator.is_main_process:
-            results = evaluate(cfg, weights, accelerator.device, console, with_metrics=cfg.mode != "fuse",
-                               started=started, stop=preemption)
+        else:
+            if cfg.mode == "train":
+                run.open(SCRIPT, cfg, argv)  # completed stages skipped it: records, and orphans of a killed evaluation
+            if accelerator.is_main_process:
+                results = evaluate(cfg, weights, accelerator.device, console, with_metrics=cfg.mode != "fuse",
+                                   started=started, stop=preemption)
         accelerator.wait_for_everyone()
     console.print(f"done in {time.perf_counter() - started:.1f}s")
     if accelerator.is_main_process and results.get("files"):
