@@ -18,6 +18,9 @@ finishes the script checks:
 
     python bench/fuzz_kill.py [--trainer crossfuse|fred|both] [--kills 15] [--seed 0] [--work DIR]
 
+Before the kills, each fuzzed run first gets a stop signal from outside mid-epoch (CrossFuse: Ctrl-C, exit 130;
+FRED: SIGTERM, exit 75) and is rerun from the checkpoint it saved.
+
 The small version in the test suite (tests/test_faults.py) calls :func:`fuzz` with a few kills.
 """
 
@@ -299,7 +302,8 @@ class FuzzResult:
     @property
     def ok(self) -> bool:
         """Every check passed, with the kills asked for."""
-        return (self.finished and len(self.kills) >= self.requested and not (
+        signalled = all(a.returncode == EXIT_CODES[a.mode] for a in self.attempts if a.mode in SIGNALS)
+        return (self.finished and signalled and len(self.kills) >= self.requested and not (
             self.unreadable or self.survivors or self.orphans_left or self.differences or self.missing))
 
     def report(self) -> str:
@@ -315,6 +319,7 @@ class FuzzResult:
 
 KILLS = ("write", "random")
 SIGNALS = {"SIGTERM": signal.SIGTERM, "SIGINT": signal.SIGINT}
+EXIT_CODES = {"SIGTERM": 75, "SIGINT": 130}  # what the trainers promise after a stop signal (common/preempt.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -449,14 +454,16 @@ def machine() -> str:
 
 def table(results: Sequence[FuzzResult]) -> str:
     """The summary table (Markdown)."""
-    rows = ["| trainer | kills | of which mid-write | reruns | resumed from a checkpoint | unreadable files | "
-            "orphans left by kills | orphans after the next start | orphans after the final run | "
+    rows = ["| trainer | stop signal first | kills | of which mid-write | reruns | resumed from a checkpoint | "
+            "unreadable files | orphans left by kills | orphans after the next start | orphans after the final run | "
             "equal to uninterrupted | exports present | wall (fuzzed) | wall (uninterrupted) |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|:---:|:---:|---:|---:|"]
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|:---:|:---:|---:|---:|"]
     for r in results:
         uninterrupted = f"{r.reference.seconds:.0f} s" if r.reference else "-"
+        stops = ", ".join(f"{a.mode}: exit {a.returncode} after {a.stop_seconds:.1f} s"
+                          for a in r.attempts if a.mode in SIGNALS and a.stop_seconds is not None) or "-"
         rows.append(
-            f"| {r.trainer} | {len(r.kills)} | {sum(a.mid_write for a in r.kills)} | {len(r.attempts) - 1} | "
+            f"| {r.trainer} | {stops} | {len(r.kills)} | {sum(a.mid_write for a in r.kills)} | {len(r.attempts) - 1} | "
             f"{sum(a.resumed for a in r.attempts)} | {len(r.unreadable)} | {sum(len(a.orphans) for a in r.kills)} | "
             f"{len(r.survivors)} | {len(r.orphans_left)} | {'yes' if r.finished and not r.differences else 'NO'} | "
             f"{'yes' if r.finished and not r.missing else 'NO'} | {r.fuzz_seconds:.0f} s | {uninterrupted} |")
@@ -475,21 +482,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fred.demo_data import ensure_fred_demo
 
     work = args.work or Path(tempfile.mkdtemp(prefix="fuzz_kill_"))
+    # Before the kills, a stop signal mid-epoch from outside, as a scheduler (SIGTERM) or a user (Ctrl-C) sends it.
+    stops = {"crossfuse": ("SIGINT", lambda output: "Epoch 1/4 - Batch 4/6" in output),
+             "fred": ("SIGTERM", lambda output: "Epoch 1/4 [freeze]" in output)}
     trainers = []
     if args.trainer in ("crossfuse", "both"):
         trainers.append(crossfuse(ensure_ivif_demo(work / "ivif_demo", 0)))
     if args.trainer in ("fred", "both"):
         trainers.append(fred(ensure_fred_demo(work / "fred_demo_small", seed=0, frames=20), work / "fred_annotations"))
-    results = []
+    results, notes = [], []
     try:
         for trainer in trainers:
             folder = work / trainer.name
             if folder.exists():
                 shutil.rmtree(folder)
             folder.mkdir(parents=True)
-            print(f"{trainer.name}: reference run, then {args.kills} kills ...", flush=True)
-            result = fuzz(trainer, folder, args.kills, args.seed)
+            print(f"{trainer.name}: reference run, then {stops[trainer.name][0]} and {args.kills} kills ...",
+                  flush=True)
+            result = fuzz(trainer, folder, args.kills, args.seed, faults=[stops[trainer.name]])
             results.append(result)
+            if trainer.name == "fred":  # an attempt killed before its first state starts a new log folder
+                logs = [len(list((folder / run).glob("loss_*"))) for run in ("fuzzed", "reference")]
+                notes.append(f"FRED log folders (loss_<time>): fuzzed {logs[0]}, uninterrupted {logs[1]}")
             report = result.report().splitlines()
             print("\n".join(f"  {line}" for line in (report if not result.ok else report[:len(result.attempts)])),
                   flush=True)
@@ -498,6 +512,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
     print()
     print(table(results))
+    for note in notes:
+        print(f"\n{note}")
     print(f"\nmachine: {machine()}")
     return 0 if all(r.ok for r in results) else 1
 
