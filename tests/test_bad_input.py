@@ -7,7 +7,7 @@ files and the run folder are compared before and after). A case that the trainer
 (headers, paths, flags, checkpoints) must also leave no new file behind; a broken image body is only found when
 it is decoded, so those cases may leave the new run's records.
 
-The cases run in-process (``cli([...])``, stderr captured), so the whole catalogue costs seconds; the errors
+The cases run in-process (``cli([...])``, output captured), so the whole catalogue costs seconds; the errors
 raised inside DataLoader workers (``--data.workers 2`` / ``--num-workers 2``) run in a fresh process.
 """
 
@@ -16,10 +16,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
-import hashlib
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -35,6 +33,7 @@ import train_end_to_end
 import train_fred_fusion
 from fred.demo_data import ensure_fred_demo
 from tests.crossfuse_helpers import TINY, demo_root
+from tests.fault_helpers import assert_nothing_lost, run_in_process, snapshot
 from tests.kit_helpers import ROOT, env
 
 FRED_SMALL_DEMO = {"frames": 20}  # the session demo of tests/test_fred_train.py (same path: generated once)
@@ -42,22 +41,6 @@ CROSSFUSE_PAIRS = 24  # TINY trains on the first 24 pairs
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-
-def snapshot(*paths: Path) -> dict[str, tuple[int, int, str]]:
-    """Size, modification time and BLAKE2 digest of every file under (or at) ``paths``."""
-    files = []
-    for path in paths:
-        files += [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    result = {}
-    for file in files:
-        digest = hashlib.blake2b(digest_size=16)
-        with open(file, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 22), b""):
-                digest.update(block)
-        stat = file.stat()
-        result[str(file)] = (stat.st_size, stat.st_mtime_ns, digest.hexdigest())
-    return result
-
 
 def assert_one_error(code: int, stderr: str, mentions: tuple[str, ...], expected_code: int = 2) -> str:
     """The kit's rule for bad input: the exit code, one ``error:`` line holding every ``mentions`` string, no
@@ -69,23 +52,6 @@ def assert_one_error(code: int, stderr: str, mentions: tuple[str, ...], expected
     for text in mentions:
         assert text in errors[0], f"{text!r} not in {errors[0]!r}"
     return errors[0]
-
-
-def assert_nothing_lost(before: dict, after: dict, may_add: bool) -> None:
-    """Every file of ``before`` is still there, unchanged; new files only where ``may_add``."""
-    changed = [name for name, value in before.items() if after.get(name) != value]
-    assert not changed, f"lost or changed: {changed}"
-    added = sorted(set(after) - set(before))
-    assert may_add or not added, f"created: {added}"
-
-
-@pytest.fixture(autouse=True)
-def keep_signal_handlers():
-    """The trainers install stop handlers in the (in-process) caller: put pytest's back after each case."""
-    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
-    yield
-    for signum, handler in saved.items():
-        signal.signal(signum, handler)
 
 
 def failing_mkstemp(error_number: int, only: Callable[[str, str], bool] = lambda prefix, folder: True):
@@ -162,7 +128,7 @@ class World:
         return [path for path in (self.data, self.save, self.scratch, *named) if path.exists()]
 
 
-def run_case(cli, world: World, case: Case, monkeypatch, capsys) -> None:
+def run_case(cli, world: World, case: Case, monkeypatch) -> None:
     """Break the world, snapshot, run the trainer in-process, check the error line and the files."""
     if case.breaks is not None:
         case.breaks(world)
@@ -170,11 +136,9 @@ def run_case(cli, world: World, case: Case, monkeypatch, capsys) -> None:
     before = snapshot(*world.watched(flags))
     if case.inject is not None:
         case.inject(monkeypatch)
-    capsys.readouterr()
-    code = cli([*world.base, *flags])
+    ran = run_in_process(cli, [*world.base, *flags])
     monkeypatch.undo()
-    err = capsys.readouterr().err
-    assert_one_error(code, err, case.mentions(world))
+    assert_one_error(ran.code, ran.stderr, case.mentions(world))
     assert_nothing_lost(before, snapshot(*world.watched(flags)), case.may_add)
 
 
@@ -207,9 +171,9 @@ def fred_base(demo: Path, data: Path, annotations: Path, save: Path) -> list[str
 def crossfuse_run(ivif_demo, tmp_path_factory) -> Path:
     """A finished CrossFuse run (one epoch of 2 iterations) that keeps its checkpoint (--no-prune-finished)."""
     save = tmp_path_factory.mktemp("crossfuse_finished") / "models"
-    code = train_end_to_end.cli([*crossfuse_base(ivif_demo, ivif_demo / "train", save), "--epochs", "1",
-                                 "--train-num", "8", "--no-prune-finished"])
-    assert code == 0
+    ran = run_in_process(train_end_to_end.cli, [*crossfuse_base(ivif_demo, ivif_demo / "train", save),
+                                                "--epochs", "1", "--train-num", "8", "--no-prune-finished"])
+    assert ran.code == 0, ran.output[-3000:]
     return save
 
 
@@ -218,8 +182,9 @@ def fred_run(fred_demo, tmp_path_factory) -> Path:
     """A finished one-epoch FRED run (its states and EMA exports)."""
     folder = tmp_path_factory.mktemp("fred_finished")
     save = folder / "run"
-    code = train_fred_fusion.cli([*fred_base(fred_demo, fred_demo, folder / "annotations", save), "--no-eval-map"])
-    assert code == 0
+    ran = run_in_process(train_fred_fusion.cli, [*fred_base(fred_demo, fred_demo, folder / "annotations", save),
+                                                 "--no-eval-map"])
+    assert ran.code == 0, ran.output[-3000:]
     return save
 
 
@@ -355,13 +320,13 @@ CROSSFUSE_CASES = [
 
 
 @pytest.mark.parametrize("case", CROSSFUSE_CASES, ids=[c.name for c in CROSSFUSE_CASES])
-def test_crossfuse_bad_input(case, ivif_demo, crossfuse_run, fred_run, tmp_path, monkeypatch, capsys):
+def test_crossfuse_bad_input(case, ivif_demo, crossfuse_run, fred_run, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     data = copy_pairs(ivif_demo / "train", tmp_path / "data", CROSSFUSE_PAIRS)
     (tmp_path / "scratch").mkdir()
     world = World(data, tmp_path / "models", tmp_path / "scratch", crossfuse_run, {"run": fred_run},
                   crossfuse_base(ivif_demo, data, tmp_path / "models"))
-    run_case(train_end_to_end.cli, world, case, monkeypatch, capsys)
+    run_case(train_end_to_end.cli, world, case, monkeypatch)
 
 
 # ------------------------------------------------------------------------------------------------ FRED
@@ -472,14 +437,14 @@ FRED_CASES = [
 
 
 @pytest.mark.parametrize("case", FRED_CASES, ids=[c.name for c in FRED_CASES])
-def test_fred_bad_input(case, fred_demo, fred_run, crossfuse_run, tmp_path, monkeypatch, capsys):
+def test_fred_bad_input(case, fred_demo, fred_run, crossfuse_run, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     data = tmp_path / "fred"
     shutil.copytree(fred_demo, data)
     (tmp_path / "scratch").mkdir()
     world = World(data, tmp_path / "run", tmp_path / "scratch", fred_run, {"run": crossfuse_run},
                   fred_base(fred_demo, data, tmp_path / "annotations", tmp_path / "run"))
-    run_case(train_fred_fusion.cli, world, case, monkeypatch, capsys)
+    run_case(train_fred_fusion.cli, world, case, monkeypatch)
 
 
 # ------------------------------------------------------------------------------------------------ workers

@@ -15,16 +15,11 @@ from outside. The kills need fresh processes.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import io
-import itertools
 import json
-import os
 import re
 import shutil
 import signal
-import time
 from pathlib import Path
 
 import pytest
@@ -38,12 +33,12 @@ import train_fred_fusion
 from bench import fuzz_kill
 from fred.demo_data import ensure_fred_demo
 from tests.crossfuse_helpers import demo_root
+from tests.fault_helpers import Ran, Stop, plant_orphans, run_in_process
 
 FRED_SMALL_DEMO = {"frames": 20}  # the session demo of tests/test_fred_train.py (same path: generated once)
 # A kill -9 during the first write from 0.3 s after the rerun's first write (its records, a checkpoint or an
 # export), then one 1 s after the start (imports): both certain to come before the short run ends, and cheap.
 EARLY_KILLS = [fuzz_kill.Moment(0.3, anchored=True), fuzz_kill.Moment(1.0)]
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
 @pytest.fixture(scope="module")
@@ -54,65 +49,6 @@ def ivif_demo(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def fred_demo(tmp_path_factory) -> Path:
     return ensure_fred_demo(tmp_path_factory.getbasetemp() / "fred_demo_small", seed=0, **FRED_SMALL_DEMO)
-
-
-@dataclasses.dataclass(frozen=True)
-class Stop:
-    """Send ``signum`` to this process during the ``call``-th call of ``module.function`` (a training step, the
-    evaluation's scoring)."""
-
-    module: object
-    function: str
-    call: int
-    signum: signal.Signals
-
-
-@dataclasses.dataclass(frozen=True)
-class Ran:
-    """An in-process run: its exit code, console output (stdout and stderr) and the seconds from the signal to
-    the return."""
-
-    code: int
-    output: str
-    stop_seconds: float | None = None
-
-
-def run_in_process(cli, argv: list[str], stop: Stop | None = None) -> Ran:
-    """Run a trainer's ``cli`` here with one torch thread; put back the thread count and the signal handlers."""
-    threads = torch.get_num_threads()
-    handlers = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
-    sent: list[float] = []
-    if stop is not None:
-        real, calls = getattr(stop.module, stop.function), itertools.count(1)
-
-        def signalling(*args, **kwargs):
-            if next(calls) == stop.call:
-                sent.append(time.perf_counter())
-                os.kill(os.getpid(), stop.signum)
-            return real(*args, **kwargs)
-        setattr(stop.module, stop.function, signalling)
-    output = io.StringIO()
-    torch.set_num_threads(1)
-    try:
-        with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
-            code = cli(argv)
-    finally:
-        torch.set_num_threads(threads)
-        for signum, handler in handlers.items():
-            signal.signal(signum, handler)
-        if stop is not None:
-            setattr(stop.module, stop.function, real)
-    return Ran(code, output.getvalue(), time.perf_counter() - sent[0] if sent else None)
-
-
-def plant_orphans(folder: Path, names: list[str]) -> Path:
-    """Temporary files of killed writes (``.<name>.<8 random>.tmp``) under ``folder``, and one file of another
-    name that must be kept; returns that one."""
-    for name in names:
-        (folder / name).parent.mkdir(parents=True, exist_ok=True)
-        (folder / name).write_bytes(b"partial")
-    (folder / ".notes.tmp").write_bytes(b"mine")
-    return folder / ".notes.tmp"
 
 
 def one_line_stop(output: str, reason: str) -> str:
@@ -144,8 +80,8 @@ def faulted_run(cli, trainer: fuzz_kill.Trainer, work: Path, stop: Stop, orphans
 
 
 def assert_equal_to_the_uninterrupted_run(faulted: Faulted) -> None:
-    """Two kills (the first during a write), then equal results; the planted orphans went at the first start and
-    no orphan of a kill survived a later start."""
+    """Two kills (the first as soon as a write was seen in progress), then results equal to the reference's; the
+    planted orphans went at the first start and no orphan of a kill survived a later start."""
     result = faulted.fuzz
     assert [a.mode for a in result.kills] == ["write", "random"] and result.ok, result.report()
     assert f"removed {faulted.planted} temporary file(s)" in faulted.stopped.output, faulted.stopped.output[-3000:]
