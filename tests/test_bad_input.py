@@ -14,6 +14,7 @@ raised inside DataLoader workers (``--data.workers 2`` / ``--num-workers 2``) ru
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import errno
 import os
@@ -32,6 +33,7 @@ from PIL import Image
 import train_end_to_end
 import train_fred_fusion
 from fred.demo_data import ensure_fred_demo
+from fred.index import FredDataWarning
 from tests.crossfuse_helpers import TINY, demo_root
 from tests.fault_helpers import assert_nothing_lost, run_in_process, snapshot
 from tests.kit_helpers import ROOT, env
@@ -97,7 +99,7 @@ class Case:
     ``breaks(world)`` damages the world's files (its return value is ignored); ``flags(world)`` are the extra
     command-line flags; ``mentions(world)`` the strings the error line must contain (the file or flag, and the
     advice); ``inject`` monkeypatches a failure in; ``may_add``: the case can only be found once the run has
-    started (new run files allowed; nothing earlier may change).
+    started (new run files allowed; nothing earlier may change); ``warns``: a warning the trainer must also give.
     """
 
     name: str
@@ -106,6 +108,7 @@ class Case:
     breaks: Callable[["World"], object] | None = None
     inject: Callable[[pytest.MonkeyPatch], None] | None = None
     may_add: bool = False
+    warns: type[Warning] | None = None
 
 
 @dataclasses.dataclass
@@ -136,7 +139,8 @@ def run_case(cli, world: World, case: Case, monkeypatch) -> None:
     before = snapshot(*world.watched(flags))
     if case.inject is not None:
         case.inject(monkeypatch)
-    ran = run_in_process(cli, [*world.base, *flags])
+    with pytest.warns(case.warns) if case.warns else contextlib.nullcontext():
+        ran = run_in_process(cli, [*world.base, *flags])
     monkeypatch.undo()
     assert_one_error(ran.code, ran.stderr, case.mentions(world))
     assert_nothing_lost(before, snapshot(*world.watched(flags)), case.may_add)
@@ -381,6 +385,8 @@ FRED_CASES = [
          flags=lambda w: ["--fred-root", str(w.scratch / "absent")]),
     Case("empty FRED root", lambda w: ("no sequence folders", str(w.scratch)),
          flags=lambda w: ["--fred-root", str(w.scratch)]),
+    Case("no RGB/event pairs", lambda w: ("no annotated RGB/event pairs", "--fusion-threshold"),
+         flags=lambda w: ["--fusion-threshold", "0.000001"]),
     Case("sequence without PADDED_RGB", lambda w: (str(first_sequence(w) / "PADDED_RGB"),),
          breaks=lambda w: shutil.rmtree(first_sequence(w) / "PADDED_RGB")),
     Case("sequence without event frames", lambda w: (str(first_sequence(w) / "Event" / "Frames"),),
@@ -395,7 +401,8 @@ FRED_CASES = [
          breaks=lambda w: event_frame(w).write_text("no PNG here")),
     Case("truncated RGB frame body", lambda w: (rgb_frame(w).name, "replace"),
          breaks=lambda w: cut_image_body(rgb_frame(w)), may_add=True),
-    Case("malformed coordinates.txt", lambda w: ("no annotated", "check the data"), breaks=garbage_coordinates),
+    Case("malformed coordinates.txt", lambda w: ("no annotated", "check the data"), breaks=garbage_coordinates,
+         warns=FredDataWarning),  # each malformed line is counted and warned about (spec), then none is left
     Case("annotation file without frame sizes", lambda w: ("instances_", "width"),
          flags=lambda w: given_annotations(w, drop="width")),
     Case("annotation names a missing frame", lambda w: (w.notes["deleted"].name,), flags=missing_frame_annotations),
