@@ -72,8 +72,6 @@ def train_kind(kind: RunKind, cfg: CrossFuseConfig, accelerator, console, run: R
             f"continuing to {settings.epochs}" if plan.action == "resume" else
             f"its resumable states were deleted (--prune-finished), so it trains again from the start to "
             f"{settings.epochs}"))
-    run.open(SCRIPT, cfg, argv)
-    run.remove(plan.remove, f"{kind}: --overwrite")
 
     # Data: epoch e's order depends only on (seed, e), so stage 2 and end-to-end see identical batches.
     dataset = IVIFPairDataset(pairs, size=(cfg.height, cfg.width), hflip=cfg.data.hflip, seed=cfg.seed)
@@ -112,6 +110,9 @@ def train_kind(kind: RunKind, cfg: CrossFuseConfig, accelerator, console, run: R
         epoch, batch = divmod(position.step, iters_per_epoch)
         console.print(f"{kind}: resumed from {plan.path} at iteration {position.step} (epoch {epoch + 1}, "
                       f"batch {batch})")
+    # The run folder is written only now: weights and checkpoints that cannot be used leave it untouched.
+    run.open(SCRIPT, cfg, argv)
+    run.remove(plan.remove, f"{kind}: --overwrite")
     inner = accelerator.unwrap_model(model)
     if accelerator.is_main_process:
         write_pairs_file(folder / "pairs.txt", pairs)
@@ -249,9 +250,12 @@ def main(cfg: CrossFuseConfig, notices: list[str], argv: list[str]) -> int:
         if cfg.mode == "train" and evaluation_current(cfg, weights):
             console.print(f"evaluation of {weights.fusion.name} on {cfg.eval.root} is up to date "
                           f"({weights.run_dir / 'eval'}); nothing to do")
-        elif accelerator.is_main_process:
-            results = evaluate(cfg, weights, accelerator.device, console, with_metrics=cfg.mode != "fuse",
-                               started=started, stop=preemption)
+        else:
+            if cfg.mode == "train":
+                run.open(SCRIPT, cfg, argv)  # completed stages skipped it: records, and orphans of a killed evaluation
+            if accelerator.is_main_process:
+                results = evaluate(cfg, weights, accelerator.device, console, with_metrics=cfg.mode != "fuse",
+                                   started=started, stop=preemption)
         accelerator.wait_for_everyone()
     console.print(f"done in {time.perf_counter() - started:.1f}s")
     if accelerator.is_main_process and results.get("files"):

@@ -70,6 +70,8 @@ def main(cfg: FredConfig, notices: list[str], argv: list[str]) -> int:
     # Everything that can refuse the run is checked before anything is written: data, then the run folder.
     with accelerator.main_process_first():
         data = load_data(cfg, console.print)
+    for stage in {recipe.stage_of(epoch, cfg) for epoch in range(recipe.end_epoch(cfg))}:
+        train_loader(data, cfg, stage, rank, world)  # raises for a batch the training split cannot fill
     meta = recipe.config_meta(cfg)
     plan = plan_resume(cfg.resume, outputs.state_files(run_dir), run_dir, overwrite=cfg.run.overwrite,
                        outputs=outputs.exported_files(run_dir), epochs=recipe.end_epoch(cfg))

@@ -149,7 +149,13 @@ def epoch_batches(loader, position):
     (:meth:`~common.state.LoopPosition.next_batch`). Endless: the loop decides when to stop."""
     while True:
         set_loader_epoch(loader, position.epoch, position.batch)
-        yield from loader
+        # A new iterator draws its workers' base seed from torch's global RNG (the workers are seeded by
+        # WorkerSeeder instead); a resumed run creates one more iterator than an uninterrupted one, so the draw
+        # must not move the RNG state that checkpoints save.
+        rng = torch.get_rng_state()
+        batches = iter(loader)
+        torch.set_rng_state(rng)
+        yield from batches
 
 
 def to_device(batch, device: torch.device, non_blocking: bool = True):

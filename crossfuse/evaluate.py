@@ -144,7 +144,10 @@ def output_folder(cfg: CrossFuseConfig, weights: FusionWeights) -> Path:
 def evaluation_current(cfg: CrossFuseConfig, weights: FusionWeights) -> bool:
     """Whether `eval/<dataset>/metrics.json` already scores exactly these weight files (by SHA-256)."""
     path = weights.run_dir / "eval" / dataset_name(cfg) / "metrics.json"
-    return path.is_file() and json.loads(path.read_text()).get("weights") == weights.describe()
+    try:
+        return path.is_file() and json.loads(path.read_text()).get("weights") == weights.describe()
+    except (json.JSONDecodeError, UnicodeDecodeError):  # cut off by a kill or a full disk: evaluate again
+        return False
 
 
 def evaluate(cfg: CrossFuseConfig, weights: FusionWeights, device, console: RunConsole, with_metrics: bool = True,
@@ -174,26 +177,29 @@ def evaluate(cfg: CrossFuseConfig, weights: FusionWeights, device, console: RunC
              "dataset": str(cfg.eval.root)}
     if average_rows:
         extra["beats_average"] = beats_average(summarize(fused_rows, metrics)[0], summarize(average_rows, metrics)[0])
-    summary = write_results(eval_dir / "metrics.csv", fused_rows, FusionMetricConfig(), metrics, extra=extra)
-    console.print(f"metrics of {len(pairs)} pairs: {eval_dir / 'metrics.csv'}")
     files["metrics"] = eval_dir / "metrics.csv"
-    result = {"fused": summary, "files": files, "next": next_steps}
+    result = {"files": files, "next": next_steps}
     if cfg.eval.baseline == "average":
         result["average"] = write_results(eval_dir / "metrics_average.csv", average_rows, FusionMetricConfig(), metrics,
                                           extra={"baseline": "rint((A+B)/2)", "dataset": str(cfg.eval.root)})
-    print_comparison(console, summary["means"], result.get("average", {}).get("means"), metrics)
     report = quality_report(pairs, masks_dir) if masks_dir.is_dir() else None
     if report is not None:
         report = {"seed": cfg.seed, "preset": cfg.preset, "approach": cfg.approach, "weights": extra["weights"],
                   "wall_seconds": (time.perf_counter() - started) if started is not None else None,
-                  **report, "metrics": {"fused": summary["means"],
+                  **report, "metrics": {"fused": write_means(fused_rows, metrics),
                                         "average": write_means(average_rows, metrics)}}
         atomic_write_json(weights.run_dir / "demo_report.json", report)
+        files["demo report"] = weights.run_dir / "demo_report.json"
+        result["report"] = report
+    # metrics.json last: it marks the evaluation of these weights done (evaluation_current), so a run stopped
+    # before it evaluates again instead of leaving the baseline or the demo report missing.
+    result["fused"] = write_results(eval_dir / "metrics.csv", fused_rows, FusionMetricConfig(), metrics, extra=extra)
+    console.print(f"metrics of {len(pairs)} pairs: {eval_dir / 'metrics.csv'}")
+    print_comparison(console, result["fused"]["means"], result.get("average", {}).get("means"), metrics)
+    if report is not None:
         for name, gate in report["checks"].items():
             console.print(f"demo gate {name}: fused {gate['fused']:.4f} (average {gate['average']:.4f}), "
                           f"required {gate['required']:.4f}: {'pass' if gate['passed'] else 'FAIL'}")
         verdict = "passed" if report["passed"] else "FAILED"
         console.print(f"demo quality {verdict}: {weights.run_dir / 'demo_report.json'}")
-        files["demo report"] = weights.run_dir / "demo_report.json"
-        result["report"] = report
     return result

@@ -326,6 +326,8 @@ def index_sequence(sequence: SequenceInfo, params: IndexParams, fred_root: Path,
     event_t = np.array([t_us * 1e-6 + params.event_time_offset for t_us, _ in events], dtype=np.float64)
     width, height = _image_size(rgb_files[0])
     event_size = _image_size(events[0][1])
+    for path in [*rgb_files[1:], *(path for _, path in events[1:])]:
+        _image_size(path)  # every header, once per build: a broken frame stops the run before it trains
     if event_size != (width, height):
         warnings.warn(f"sequence {sequence.path}: event frames are {event_size[0]}x{event_size[1]} but RGB frames "
                       f"are {width}x{height}; event frames are resized to the RGB size", FredDataWarning, stacklevel=2)
@@ -576,7 +578,11 @@ def load_fusion_split(path: str | Path, fred_root: str | Path | None, threshold:
     if fred_root is None:
         recorded = document.get("info", {}).get("source_signature", {}).get("fred_root")
         fred_root = recorded if recorded else path.parent
-    return entries_from_records(images, annotations, Path(fred_root), threshold)
+    try:
+        return entries_from_records(images, annotations, Path(fred_root), threshold)
+    except (KeyError, TypeError, ValueError) as error:
+        raise FredDataError(f"fusion annotation file {path} has a malformed image or annotation record "
+                            f"({type(error).__name__}: {error}); rebuild it") from error
 
 
 def entries_from_records(images: Sequence[dict], annotations: Sequence[dict], fred_root: Path,
@@ -642,6 +648,13 @@ def load_fred_index(fred_root: str | Path | None, fusion_threshold: float = 0.1,
         splits = {split: load_fusion_split(annotation_path(directory, split), root, fusion_threshold)
                   for split in SPLITS}
         resolved_root = root if root is not None else directory
+        # Files used as is may name frames that moved or were deleted: find them now, not in a loader worker.
+        missing = next((path for entries in splits.values() for entry in entries
+                        for path in (entry.rgb_path, entry.event_path) if path is not None and not path.is_file()), None)
+        if missing is not None:
+            raise FredDataError(f"frame {missing}, named in the fusion annotations in {directory}, does not exist; "
+                                "pass the --fred-root the files were built from, or rebuild them (omit "
+                                "--fusion-annotations)")
     else:
         if fred_root is None:
             raise FredDataError("no FRED root given; pass --fred-root (or --fusion-annotations with built files)")
