@@ -33,6 +33,16 @@ class Preempted(Exception):
         return INTERRUPTED_EXIT_CODE if self.signal_name == "SIGINT" else PREEMPTED_EXIT_CODE
 
 
+_INSTALLED: list["Preemption"] = []
+
+
+def restore_all() -> None:
+    """Put back the signal handlers of every :class:`Preemption` still installed (a trainer run in-process, by a
+    test or a notebook, must not leave Ctrl-C only setting a flag)."""
+    while _INSTALLED:
+        _INSTALLED.pop().restore()
+
+
 class Preemption:
     """Installs the signal handlers and answers "should we stop now?" consistently on every process.
 
@@ -50,6 +60,7 @@ class Preemption:
         self._previous = {}
         for signum in signals:
             self._previous[signum] = signal.signal(signum, self._handle)
+        _INSTALLED.append(self)
 
     def _handle(self, signum, frame) -> None:
         if self.requested and signum == signal.SIGINT:
@@ -86,3 +97,5 @@ class Preemption:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous.clear()
+        if self in _INSTALLED:
+            _INSTALLED.remove(self)

@@ -34,15 +34,16 @@ class RunOptions:
     resume_force: bool = False
     """Continue from a checkpoint whose model, data order, precision or world size differ (reported)."""
     checkpoint_every: int = 0
-    """Also write a resumable checkpoint every N optimizer steps (0: only where the trainer always does)."""
+    """Also write a resumable checkpoint every N iterations (micro-batches; optimizer steps without gradient
+    accumulation); 0: only where the trainer always does."""
     keep_checkpoints: int = 2
     """Resumable checkpoints kept per stage (the newest ones; 0 keeps all)."""
     prune_finished: bool = False
     """Delete a stage's resumable checkpoints once it has finished (its exported weights stay; it can then not
     be extended with more epochs)."""
     stop_after: int = 0
-    """Stop (with a checkpoint) after this many optimizer steps of a stage, as an interrupted run would
-    (0: run to the end); rerun the command to continue."""
+    """Stop (with a checkpoint) after this many iterations of a stage, as an interrupted run would (0: run to the
+    end); rerun the command to continue."""
 
 
 @dataclass(frozen=True)

@@ -186,7 +186,7 @@ def exit_on_user_error(main: Callable[[], int | None]) -> int:
     """
     from common.checkpoint import OUTPUT_ERRNOS
     from common.errors import UserError
-    from common.preempt import INTERRUPTED_EXIT_CODE, Preempted
+    from common.preempt import INTERRUPTED_EXIT_CODE, Preempted, restore_all
 
     try:
         return int(main() or 0)
@@ -206,6 +206,8 @@ def exit_on_user_error(main: Callable[[], int | None]) -> int:
             raise
         print(f"error: cannot write {error.filename or 'an output file'}: {advice}", file=sys.stderr)
         return 2
+    finally:
+        restore_all()
 
 
 def check_amp_invariant(accelerator) -> None:

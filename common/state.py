@@ -122,7 +122,6 @@ class TrainState:
         self.signature: dict = {"strict": {}, "soft": {}}
         self.objects = {name: accelerator.unwrap_model(obj) if isinstance(obj, nn.Module) else obj
                         for name, obj in objects.items()}
-        self._saved: tuple[LoopPosition, Path | None] | None = None
 
     # ------------------------------------------------------------------------------------------------ identity
     @property
@@ -144,8 +143,6 @@ class TrainState:
         path on the main process (None elsewhere).
         """
         accelerator = self.accelerator
-        if path is None and self._saved is not None and self._saved[0] == self.position:
-            return self._saved[1]  # already saved at this position (an epoch end that is also a stop, say)
         for obj in self.objects.values():
             if isinstance(obj, LossSeries):
                 obj.flush(accelerator)
@@ -169,8 +166,6 @@ class TrainState:
             else:
                 written = ckpt.save_checkpoint(path, state)
         accelerator.wait_for_everyone()
-        if path is None:
-            self._saved = (dataclasses.replace(self.position), written)
         return written
 
     def _pack(self, rng: list, accumulation: list | None, extra: dict) -> dict:

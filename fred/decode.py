@@ -12,6 +12,7 @@ image sizes. Detections are float32 ``[K, 6] = x1, y1, x2, y2, score, class`` in
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import numpy as np
@@ -20,10 +21,15 @@ import torch
 from fred.augment import letterbox_geometry
 from fred.model import ANCHORS, ANCHORS_MASK
 
-try:
-    from torchvision.ops import batched_nms as _torchvision_batched_nms
-except ImportError:  # torchvision is optional (spec §1)
-    _torchvision_batched_nms = None
+@functools.lru_cache(maxsize=1)
+def torchvision_batched_nms():
+    """``torchvision.ops.batched_nms``, or None without torchvision (optional). Looked up on first use: importing
+    torchvision.ops costs seconds (it pulls in torch._dynamo), which every process start would pay otherwise."""
+    try:
+        from torchvision.ops import batched_nms
+    except ImportError:
+        return None
+    return batched_nms
 
 
 def undo_letterbox(boxes: torch.Tensor, image_shape: Sequence[int], input_shape: Sequence[int]) -> torch.Tensor:
@@ -109,8 +115,9 @@ def batched_nms_torch(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Ten
 
 def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor, iou_threshold: float) -> torch.Tensor:
     """``torchvision.ops.batched_nms`` when torchvision is importable, else :func:`batched_nms_torch`."""
-    if _torchvision_batched_nms is not None:
-        return _torchvision_batched_nms(boxes, scores, idxs, iou_threshold)
+    fast = torchvision_batched_nms()
+    if fast is not None:
+        return fast(boxes, scores, idxs, iou_threshold)
     return batched_nms_torch(boxes, scores, idxs, iou_threshold)
 
 

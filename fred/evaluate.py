@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.checkpoint import atomic_write_text
+from common.checkpoint import FILE_MODE, atomic_write_text
 from common.det_metrics import DetectionEvaluator
 from fred.config import FredConfig
 from fred.decode import detect
@@ -95,6 +95,7 @@ class JsonArrayWriter:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, self._tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        os.fchmod(fd, FILE_MODE)  # readable by others, like every output file
         self._handle = os.fdopen(fd, "w", encoding="utf-8")
         self._handle.write("[")
         self.count = 0
@@ -145,6 +146,7 @@ class CocoGroundTruthWriter:
         images, annotations = self.images.close(), self.annotations.close()
         categories = json.dumps([{"id": k + 1, "name": name} for k, name in enumerate(self.class_names)])
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "w", encoding="utf-8") as out:
             for key, part in (("images", images), ("annotations", annotations)):
                 out.write(("{" if key == "images" else ",") + f'"{key}": ')
