@@ -24,9 +24,10 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402,F401  (first: it makes OpenMP wait passively, which must be set before torch loads)
+import torch  # noqa: E402
 
 # The configuration (paper defaults, demo preset, every flag with its help): crossfuse/config.py.
 from crossfuse.config import CrossFuseConfig, load_config  # noqa: E402
