@@ -206,8 +206,9 @@ def result_files(run_dir: Path, demo: bool) -> dict[str, Path]:
 def next_steps(cfg: ColorizeConfig, run_dir: Path) -> list[str]:
     """Commands worth running next."""
     steps = [f"python train_colorize.py eval --checkpoint {run_dir / BEST}   # evaluate again (--data.dataset ROOT "
-             "for other videos)",
-             f"tensorboard --logdir {run_dir / 'tensorboard'}"]
+             "for other videos)"]
+    if cfg.train.tensorboard:
+        steps.append(f"tensorboard --logdir {run_dir / 'tensorboard'}")
     if cfg.uses_demo_data:
         steps.append("accelerate launch train_colorize.py --data.dataset /data/DAVIS --data.imagenet /data/refs   "
                      "# your videos, paper settings")
