@@ -179,6 +179,8 @@ def main(cfg: ColorizeConfig, notices: list[str], argv: list[str]) -> int:
                           f"PSNR fused {scores['val_psnr']:.2f} dB, exemplar {scores['val_psnr_exemplar']:.2f}, gray "
                           f"{scores['val_psnr_gray']:.2f}; warp error fused {scores['val_warp_error']:.5f}")
         scores = broadcast_from_main(accelerator, scores)  # every process keeps the same history
+        if len(history) and history["epoch"][-1] == epoch:  # the record of a time-budget stop within this epoch
+            history.truncate(len(history) - 1)
         history.append(epoch=epoch, **{name: means[name] for name in recipe.HISTORY[1:] if name in means}, **scores)
         improved = bool(validate) and best.update(scores["val_psnr"] if val_sequences else means["total"], epoch)
         if is_main:
@@ -257,7 +259,7 @@ def main(cfg: ColorizeConfig, notices: list[str], argv: list[str]) -> int:
     final_epoch = position.epoch + (1 if position.batch else 0)
     if not len(history) or history["epoch"][-1] < final_epoch:
         close_epoch(final_epoch, final=True)
-    fingerprints = parameter_fingerprints(accelerator, inner)
+    fingerprints = parameter_fingerprints(accelerator, inner) if world > 1 else []
     if len(set(fingerprints)) > 1:
         console.warn(f"the processes ended with DIFFERENT weights: {fingerprints}")
     if is_main:

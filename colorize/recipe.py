@@ -24,7 +24,7 @@ from torch import nn
 from colorize.config import ColorizeConfig
 from colorize.loss import LOSS_PARTS, Discriminator, FusionLoss
 from colorize.system import FusionSystem
-from common.run import config_to_dict
+from common.run import broadcast_from_main, config_to_dict
 from common.schedules import Schedule, set_base_lrs
 
 STEP_SERIES = (*LOSS_PARTS, "gan_d", "lr_nonlocal", "lr_fusion")
@@ -184,8 +184,6 @@ class TrainingBudget:
             return self.spent >= self.limit
         if step % self.every:
             return False
-        from common.run import broadcast_from_main
-
         return bool(broadcast_from_main(accelerator, self.spent >= self.limit))
 
     def state_dict(self) -> dict:

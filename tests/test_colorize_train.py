@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -71,11 +72,27 @@ def data(tmp_path_factory):
     return write_tiny_davis(tmp_path_factory.mktemp("colorize_tiny") / "tiny")
 
 
+SYSTEM_INPUT_CHANNELS: list[int] = []
+"""Channels of every clip the shared run handed to the system (filled by ``finished``)."""
+
+
 @pytest.fixture(scope="module")
 def finished(in_process, data, tmp_path_factory):
-    """One uninterrupted run (with TensorBoard)."""
+    """One uninterrupted run (with TensorBoard), recording the channels of every clip handed to the system."""
+    from colorize.system import FusionSystem
+
     out = tmp_path_factory.mktemp("colorize_finished") / "run"
-    assert in_process(tiny_args(data, out)) == 0
+    forward = FusionSystem.forward
+
+    def recording(self, frames_lab, *args, **kwargs):
+        SYSTEM_INPUT_CHANNELS.append(frames_lab.shape[2])
+        return forward(self, frames_lab, *args, **kwargs)
+
+    FusionSystem.forward = recording
+    try:
+        assert in_process(tiny_args(data, out)) == 0
+    finally:
+        FusionSystem.forward = forward
     return out
 
 
@@ -89,6 +106,10 @@ def trainable(path) -> dict[str, torch.Tensor]:
     state = torch.load(path, map_location="cpu", weights_only=True)
     return {f"{part}.{key}": value for part in ("fusion_unet", "swintexco_nonlocal")
             for key, value in state[part].items()}
+
+
+def test_only_lightness_reaches_the_system(finished):
+    assert SYSTEM_INPUT_CHANNELS == [1] * 9  # 8 training micro-batches and the validation sequence (§9.3)
 
 
 def test_finished_run_writes_every_output(finished):
@@ -153,11 +174,12 @@ def test_rerun_is_complete_and_never_is_refused(in_process, data, finished, caps
 
 def test_resume_inside_an_epoch_and_an_accumulation_window_is_exact(in_process, data, finished, tmp_path):
     out = tmp_path / "run"
-    assert in_process(tiny_args(data, out, "--stop-after", "3")) == 0  # micro-batch 3 of 4: mid-window, mid-epoch
+    args = tiny_args(data, out, "--train.no-tensorboard")
+    assert in_process([*args, "--stop-after", "3"]) == 0  # micro-batch 3 of 4: mid-window, mid-epoch
     state = load_checkpoint(next((out / "checkpoints").glob("colorize_step_*.pth")))
     assert state["meta"]["position"] == {"step": 1, "micro_step": 3, "epoch": 0, "batch": 3}
     assert state["accumulation"][0]["fusion_net"]["grads"] and state["window"]["count"] == 1
-    resumed = subprocess.run([sys.executable, str(ROOT / "train_colorize.py"), *tiny_args(data, out)],
+    resumed = subprocess.run([sys.executable, str(ROOT / "train_colorize.py"), *args],
                              capture_output=True, text=True, env=env(), cwd=ROOT, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout and "at step 1 (epoch 1, micro-batch 3" in resumed.stdout
@@ -169,35 +191,45 @@ def test_resume_inside_an_epoch_and_an_accumulation_window_is_exact(in_process, 
 
 
 def test_time_budget_stops_validates_exports_and_a_rerun_does_not_train(in_process, data, tmp_path, capsys):
+    """With the discriminator from the first epoch (the optional GAN terms)."""
     out = tmp_path / "budget"
-    args = tiny_args(data, out, "--train.time-budget-s", "0.01", "--train.no-tensorboard")
+    args = tiny_args(data, out, "--train.time-budget-s", "0.01", "--train.no-tensorboard", "--loss.gan", "0.1",
+                     "--loss.gan-start-epoch", "1")
     assert in_process(args) == 0
     printed = capsys.readouterr().out
     assert "time budget of 0.01 s used after step 1 of 4" in printed and "(stopped at step 1)" in printed
     done = json.loads((out / "DONE.json").read_text())
     assert done["stopped_by"] == "time budget" and done["steps"] == 1 and done["epochs"] == 0.5
-    assert (out / "fusion_epoch_1.pth").is_file() and (out / "eval" / "metrics.json").is_file()
+    assert (out / "eval" / "metrics.json").is_file()
+    exported = torch.load(out / "fusion_epoch_1.pth", map_location="cpu", weights_only=True)
+    assert {"discriminator", "optimizer_d"} <= set(exported) and exported["epoch"] == 1
+    losses = load_mat(out / "losses.mat")
+    assert losses["step_gan_g"].ravel()[0] > 0 and losses["step_gan_d"].ravel()[0] > 0
     before = snapshot(out)
     assert in_process(args) == 0
     assert "complete:" in capsys.readouterr().out and snapshot(out) == before
 
 
 def test_strategy_one_run_from_the_exported_folder(in_process, data, finished, tmp_path, capsys):
-    folder = finished / "swintexco" / "best"
+    folder = shutil.copytree(finished / "swintexco" / "best", tmp_path / "swintexco")
     out = tmp_path / "strategy1"
     args = ["--data.dataset", str(data), "--data.imagenet", str(data / "references"), "--data.image-size", "64",
             "--data.workers", "0", "--exemplar.swintexco-ckpt", str(folder), "--exemplar.backbone-embed-dim", "32",
             "--exemplar.backbone-depths", "1", "1", "1", "1", "--exemplar.backbone-heads", "1", "2", "4", "8",
             "--exemplar.warpnet-width", "0.125", "--fusion.width", "16", "--train.batch-size", "2",
-            "--optim.accumulation-steps", "1", "--train.output-dir", str(out), "--stop-after", "1",
-            "--train.no-tensorboard"]
-    assert in_process(args) == 0  # the paper preset (a data root is given): rates by strategy
+            "--optim.accumulation-steps", "1", "--train.output-dir", str(out), "--train.no-tensorboard"]
+    assert in_process([*args, "--stop-after", "1"]) == 0  # the paper preset (a data root is given): rates by strategy
     printed = capsys.readouterr().out
     assert "strategy 1 (SwinTExCo checkpoint folder" in printed and "lr nonlocal 1.0e-05" in printed
     state = load_checkpoint(next((out / "checkpoints").glob("colorize_step_*.pth")))
     assert [group["lr"] for group in state["optimizer"]["param_groups"]] == [1e-5, 1e-4]
     config = json.loads((out / "config.json").read_text())
     assert config["strategy"] == 1 and config["weight_sources"]["nonlocal_net"]["sha256"]
+    # A frozen weight file that changed since the run started refuses the resume (its SHA-256 is recorded).
+    torch.save(ColorVidNet(7).state_dict(), folder / "colornet.pth")
+    assert in_process(args) == 2
+    error = capsys.readouterr().err
+    assert "refusing to resume" in error and "weights.colornet" in error and "--resume-force" in error
 
 
 def test_eval_subcommand_reproduces_the_validation(in_process, finished, tmp_path):
