@@ -3,7 +3,8 @@ and 11): the outputs of a finished run, log lines, a rerun, exact resume inside 
 in a fresh process, the time budget, a Strategy-1 run from an exported folder, the eval subcommand.
 
 Runs are in-process (``cli([...])``) on one thread, except the resumed run, which is a fresh process as a user's
-rerun is. One finished run (4 train sequences x 8 frames, batch 2 x 2 accumulation, 2 epochs = 4 steps) is shared.
+rerun is. One finished run is shared: 3 train sequences x 8 frames (6 clips), batch 2 x 2 accumulation, 2 epochs =
+6 micro-batches = 3 steps, the second accumulation window spanning the epoch boundary.
 """
 
 from __future__ import annotations
@@ -33,13 +34,13 @@ FLOWCHROMA_KEYS = {"epoch", "fusion_unet", "swintexco_embed", "swintexco_nonloca
                    "optimizer", "scheduler", "best_loss", "train_losses", "config", "format"}
 SERIES = ("total", "l1", "contextual", "align", "smooth", "temporal", "perceptual", "gan_g", "gan_d", "lr_nonlocal",
           "lr_fusion")
-LOG_LINE = re.compile(r"^step (?P<step>\d+)/4 \| epoch (?P<epoch>\d)/2 \| total (?P<total>\S+) \| l1 (?P<l1>\S+) "
+LOG_LINE = re.compile(r"^step (?P<step>\d+)/3 \| epoch (?P<epoch>\d)/2 \| total (?P<total>\S+) \| l1 (?P<l1>\S+) "
                       r"\| ctx (?P<ctx>\S+) \| align (?P<align>\S+) \| smooth (?P<smooth>\S+) \| lr_nonlocal "
                       r"(?P<lr_nonlocal>\S+) \| lr_fusion (?P<lr_fusion>\S+) \| it/s")
 
 
 def tiny_args(data, out, *extra: str) -> list[str]:
-    """The demo preset on the tiny dataset: batch 2 x 2 accumulation, 2 epochs (4 steps), no time budget."""
+    """The demo preset on the tiny dataset: batch 2 x 2 accumulation, 2 epochs (3 steps), no time budget."""
     return ["--preset", "demo", "--data.dataset", str(data), "--data.imagenet", str(data / "references"),
             "--train.output-dir", str(out), "--train.batch-size", "2", "--optim.accumulation-steps", "2",
             "--train.epochs", "2", "--train.time-budget-s", "0", "--train.log-every", "1", *extra]
@@ -69,7 +70,7 @@ def in_process():
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    return write_tiny_davis(tmp_path_factory.mktemp("colorize_tiny") / "tiny")
+    return write_tiny_davis(tmp_path_factory.mktemp("colorize_tiny") / "tiny", train=3)
 
 
 SYSTEM_INPUT_CHANNELS: list[int] = []
@@ -109,7 +110,7 @@ def trainable(path) -> dict[str, torch.Tensor]:
 
 
 def test_only_lightness_reaches_the_system(finished):
-    assert SYSTEM_INPUT_CHANNELS == [1] * 9  # 8 training micro-batches and the validation sequence (§9.3)
+    assert SYSTEM_INPUT_CHANNELS == [1] * 7  # 6 training micro-batches and the validation sequence (§9.3)
 
 
 def test_finished_run_writes_every_output(finished):
@@ -120,7 +121,7 @@ def test_finished_run_writes_every_output(finished):
     assert config["train"]["batch_size"] == 2 and config["preset"] == "demo"
 
     losses = load_mat(finished / "losses.mat")
-    assert all(losses[f"step_{name}"].size == 4 for name in SERIES)
+    assert all(losses[f"step_{name}"].size == 3 for name in SERIES)
     assert losses["epoch_epoch"].ravel().tolist() == [1, 2] and np.isfinite(losses["epoch_val_psnr"][0, -1])
     assert np.isnan(losses["epoch_val_psnr"][0, 0])  # the demo validates after the last epoch only
     assert losses["step_lr_fusion"].ravel()[0] == pytest.approx(1e-3)  # cosine at epoch 0
@@ -148,16 +149,16 @@ def test_finished_run_writes_every_output(finished):
     assert {p.name for p in (finished / "plots").iterdir()} == {"losses.png", "lr.png", "validation.png"}
     assert list((finished / "tensorboard").rglob("events.out.tfevents.*"))
     report = json.loads((finished / "demo_report.json").read_text())
-    assert set(report) >= {"passed", "psnr", "warp_error", "l1_drop"} and report["steps"] == 4
+    assert set(report) >= {"passed", "psnr", "warp_error", "l1_drop"} and report["steps"] == 3
     done = json.loads((finished / "DONE.json").read_text())
-    assert done["stopped_by"] == "last epoch" and done["steps"] == 4
+    assert done["stopped_by"] == "last epoch" and done["steps"] == 3
 
 
 def test_log_lines_are_the_per_step_series(finished):
     lines = [m.groupdict() for line in (finished / "console.log").read_text().splitlines()
              if (m := LOG_LINE.match(line))]
     losses = load_mat(finished / "losses.mat")
-    assert [int(line["step"]) for line in lines] == [1, 2, 3, 4]
+    assert [int(line["step"]) for line in lines] == [1, 2, 3]
     for name, field in (("total", "total"), ("l1", "l1"), ("contextual", "ctx"), ("smooth", "smooth")):
         assert [float(line[field]) for line in lines] == pytest.approx(losses[f"step_{name}"].ravel(), abs=1e-6)
 
@@ -175,14 +176,14 @@ def test_rerun_is_complete_and_never_is_refused(in_process, data, finished, caps
 def test_resume_inside_an_epoch_and_an_accumulation_window_is_exact(in_process, data, finished, tmp_path):
     out = tmp_path / "run"
     args = tiny_args(data, out, "--train.no-tensorboard")
-    assert in_process([*args, "--stop-after", "3"]) == 0  # micro-batch 3 of 4: mid-window, mid-epoch
-    state = load_checkpoint(next((out / "checkpoints").glob("colorize_step_*.pth")))
-    assert state["meta"]["position"] == {"step": 1, "micro_step": 3, "epoch": 0, "batch": 3}
+    assert in_process([*args, "--stop-after", "5"]) == 0  # after 2 steps, mid-epoch 2, inside the third window
+    state = load_checkpoint(max((out / "checkpoints").glob("colorize_step_*.pth")))
+    assert state["meta"]["position"] == {"step": 2, "micro_step": 5, "epoch": 1, "batch": 2}
     assert state["accumulation"][0]["fusion_net"]["grads"] and state["window"]["count"] == 1
     resumed = subprocess.run([sys.executable, str(ROOT / "train_colorize.py"), *args],
                              capture_output=True, text=True, env=env(), cwd=ROOT, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed from" in resumed.stdout and "at step 1 (epoch 1, micro-batch 3" in resumed.stdout
+    assert "resumed from" in resumed.stdout and "at step 2 (epoch 2, micro-batch 2" in resumed.stdout
     reference, continued = load_mat(finished / "losses.mat"), load_mat(out / "losses.mat")
     for name in SERIES:
         assert np.array_equal(reference[f"step_{name}"], continued[f"step_{name}"]), name
@@ -194,12 +195,12 @@ def test_time_budget_stops_validates_exports_and_a_rerun_does_not_train(in_proce
     """With the discriminator from the first epoch (the optional GAN terms)."""
     out = tmp_path / "budget"
     args = tiny_args(data, out, "--train.time-budget-s", "0.01", "--train.no-tensorboard", "--loss.gan", "0.1",
-                     "--loss.gan-start-epoch", "1")
+                     "--loss.gan-start-epoch", "1", "--optim.accumulation-steps", "1")
     assert in_process(args) == 0
     printed = capsys.readouterr().out
-    assert "time budget of 0.01 s used after step 1 of 4" in printed and "(stopped at step 1)" in printed
+    assert "time budget of 0.01 s used after step 1 of 6" in printed and "(stopped at step 1)" in printed
     done = json.loads((out / "DONE.json").read_text())
-    assert done["stopped_by"] == "time budget" and done["steps"] == 1 and done["epochs"] == 0.5
+    assert done["stopped_by"] == "time budget" and done["steps"] == 1 and done["epochs"] == pytest.approx(1 / 3)
     assert (out / "eval" / "metrics.json").is_file()
     exported = torch.load(out / "fusion_epoch_1.pth", map_location="cpu", weights_only=True)
     assert {"discriminator", "optimizer_d"} <= set(exported) and exported["epoch"] == 1
