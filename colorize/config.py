@@ -272,13 +272,15 @@ def demo_defaults(first: ColorizeConfig) -> ColorizeConfig:
     budget, validation and export after the last epoch; outputs in runs/colorize/demo."""
     root = first.data.demo_root
     base = ColorizeConfig()
+    # The generated dataset and its references, unless the command names other videos (demo sizes on them).
+    sources = {} if first.data.dataset else {"dataset": (root,), "imagenet": root / "references"}
     return dataclasses.replace(
         base,
         exemplar=dataclasses.replace(base.exemplar, backbone_embed_dim=32, backbone_depths=(1, 1, 1, 1),
                                      backbone_heads=(1, 2, 4, 8), warpnet_width=0.125),
         fusion=dataclasses.replace(base.fusion, width=16),
-        data=dataclasses.replace(base.data, dataset=(root,), imagenet=root / "references", image_size=64,
-                                 sequence_length=4, workers=0, demo_root=root, demo_seed=first.data.demo_seed),
+        data=dataclasses.replace(base.data, **sources, image_size=64, sequence_length=4, workers=0, demo_root=root,
+                                 demo_seed=first.data.demo_seed),
         train=dataclasses.replace(base.train, batch_size=4, epochs=10, output_dir=Path("runs/colorize/demo"),
                                   save_every=0, validate_every=0, time_budget_s=150.0, log_every=10,
                                   mixed_precision="no"),
