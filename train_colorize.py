@@ -45,8 +45,8 @@ from common.errors import DataError  # noqa: E402
 from common.lossdump import LossSeries  # noqa: E402
 from common.preempt import Preemption  # noqa: E402
 from common.resume import mark_complete, plan_resume, read_complete  # noqa: E402
-from common.run import (AcceleratorSettings, broadcast_from_main, exit_on_user_error, parameter_fingerprints,  # noqa: E402
-                        seed_everything, start_accelerator)
+from common.run import (AcceleratorSettings, broadcast_from_main, check_amp_invariant, exit_on_user_error,  # noqa: E402
+                        parameter_fingerprints, seed_everything, start_accelerator)
 from common.runfolder import RunFolder  # noqa: E402
 from common.schedules import apply_schedule  # noqa: E402
 from common.state import TrainState, compare_signature  # noqa: E402
@@ -106,6 +106,7 @@ def main(cfg: ColorizeConfig, notices: list[str], argv: list[str]) -> int:
     discriminator, optimizer_d = recipe.build_discriminator(cfg)
     gan_parts = [discriminator, optimizer_d] if discriminator is not None else []
     model, optimizer, *gan_parts = accelerator.prepare(system, optimizer, *gan_parts)
+    check_amp_invariant(accelerator)
     inner = accelerator.unwrap_model(model)
     stepper = OptimStep(accelerator, optimizer, model, max_grad_norm=cfg.optim.grad_clip,
                         max_nonfinite=recipe.MAX_NONFINITE_STEPS, warn=console.warn)

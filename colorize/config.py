@@ -11,6 +11,7 @@ the generated demo dataset (§4); flags given on the command line always win (:f
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -395,7 +396,7 @@ def _from_plain(hint, value):
 def resolve_eval_command(argv: Sequence[str], recorded: ColorizeConfig | None) -> EvalCommand:
     """Parse the eval subcommand with the checkpoint's recorded data and evaluation settings as defaults."""
     argv = normalise_flags(argv)
-    description = EvalCommand.__doc__
+    description = "train_colorize.py eval: " + inspect.cleandoc(EvalCommand.__doc__)
     if recorded is None:
         return parse(EvalCommand, argv, description=description)
     first = parse(EvalCommand, argv, description=description)
