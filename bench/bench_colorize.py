@@ -149,8 +149,8 @@ def main() -> int:
         graphs = frozen_graphs(argvs[0])
     trainer, raw, extra = overhead(trainer_times, raw_times)
     print(f"\nColorization demo size (64², T = 4, batch 4), CPU: {machine()}\n")
-    print("| run | trainer s/step | raw loop s/step | overhead (median) | final weights bitwise equal | steps timed per "
-          "loop |\n|---|---:|---:|---:|---|---:|")
+    print("| run | trainer s/step | raw loop s/step | overhead (median) | final weights bitwise equal | steps timed "
+          "per loop |\n|---|---:|---:|---:|---|---:|")
     print(f"| demo epoch | {trainer:.3f} | {raw:.3f} | {extra:+.1%} | {'yes' if equal else 'NO'} | "
           f"{len(trainer_times)} |")
     print("\nraw step parts (median s): " + ", ".join(f"{name} {statistics.median(values):.3f}"
