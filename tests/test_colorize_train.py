@@ -240,3 +240,27 @@ def test_eval_subcommand_reproduces_the_validation(in_process, finished, tmp_pat
     for method in ("fused", "gray", "exemplar"):
         assert again[method] == pytest.approx(during[method]), method
     assert (out / "samples" / "tiny_val_0.png").is_file() and again["checkpoint"].endswith("fusion_best.pth")
+
+
+def test_generator_term_never_reaches_the_discriminator():
+    from colorize.config import LossConfig
+    from colorize.loss import Discriminator, FusionLoss
+    from colorize.recipe import training_losses
+    from tests.colorize_helpers import demo_system, random_lab
+
+    class NoAccelerator:
+        @staticmethod
+        def autocast():
+            return torch.autocast("cpu", enabled=False)
+
+    system, discriminator = demo_system(), Discriminator()
+    generator = torch.Generator().manual_seed(0)
+    batch = {"frames_lab": random_lab(2, 4, 3, DEMO_SIZE, DEMO_SIZE, generator=generator),
+             "reference_lab": random_lab(2, 3, DEMO_SIZE, DEMO_SIZE, generator=generator)}
+    criterion = FusionLoss(LossConfig(gan=0.1), system.embed_net)
+    total, parts, outputs = training_losses(system, criterion, batch, NoAccelerator(), discriminator)
+    total.backward()
+    assert parts["gan_g"] > 0 and system.fusion_net.head.weight.grad is not None
+    assert all(p.grad is None and p.requires_grad for p in discriminator.parameters())
+    FusionLoss.discriminator_loss(discriminator, outputs, batch["frames_lab"]).backward()
+    assert all(p.grad is not None for p in discriminator.parameters())
