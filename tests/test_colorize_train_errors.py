@@ -24,7 +24,9 @@ def data(tmp_path_factory):
 @pytest.fixture
 def refused(capsys):
     """Run the trainer in-process and return its one error line, checking the exit code and the absence of a
-    traceback (signal handlers the trainer may install are restored)."""
+    traceback (the signal handlers and denormal flushing the trainer may set are restored)."""
+    import torch
+
     import train_colorize
 
     def run(*args: str) -> str:
@@ -34,6 +36,7 @@ def refused(capsys):
         finally:
             for signum, handler in handlers.items():
                 signal.signal(signum, handler)
+            torch.set_flush_denormal(False)
         captured = capsys.readouterr()
         lines = captured.err.strip().splitlines()
         assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), captured.err
