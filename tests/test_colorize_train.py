@@ -173,17 +173,23 @@ def test_rerun_is_complete_and_never_is_refused(in_process, data, finished, caps
     assert snapshot(finished) == before
 
 
-def test_resume_inside_an_epoch_and_an_accumulation_window_is_exact(in_process, data, finished, tmp_path):
+def test_resume_mid_epoch_and_inside_an_accumulation_window_is_exact(in_process, data, finished, tmp_path, capsys):
+    """Stopped after micro-batch 2 (mid-epoch 1, between steps), continued in a fresh process and stopped after 5
+    (mid-epoch 2, inside a window, the second window having spanned the epoch boundary), then finished: the same
+    per-step series and trained weights as the uninterrupted run."""
     out = tmp_path / "run"
     args = tiny_args(data, out, "--train.no-tensorboard")
-    assert in_process([*args, "--stop-after", "5"]) == 0  # after 2 steps, mid-epoch 2, inside the third window
+    assert in_process([*args, "--stop-after", "2"]) == 0
+    resumed = subprocess.run([sys.executable, str(ROOT / "train_colorize.py"), *args, "--stop-after", "5"],
+                             capture_output=True, text=True, env=env(), cwd=ROOT, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout and "at step 1 (epoch 1, micro-batch 2" in resumed.stdout
     state = load_checkpoint(max((out / "checkpoints").glob("colorize_step_*.pth")))
     assert state["meta"]["position"] == {"step": 2, "micro_step": 5, "epoch": 1, "batch": 2}
     assert state["accumulation"][0]["fusion_net"]["grads"] and state["window"]["count"] == 1
-    resumed = subprocess.run([sys.executable, str(ROOT / "train_colorize.py"), *args],
-                             capture_output=True, text=True, env=env(), cwd=ROOT, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed from" in resumed.stdout and "at step 2 (epoch 2, micro-batch 2" in resumed.stdout
+    capsys.readouterr()
+    assert in_process(args) == 0
+    assert "at step 2 (epoch 2, micro-batch 2" in capsys.readouterr().out
     reference, continued = load_mat(finished / "losses.mat"), load_mat(out / "losses.mat")
     for name in SERIES:
         assert np.array_equal(reference[f"step_{name}"], continued[f"step_{name}"]), name
