@@ -61,7 +61,7 @@ class FusionSystem(nn.Module):
         self.strategy = branch.strategy
         self.warnings = list(branch.warnings)
         self.weight_sources: dict[str, WeightSource] = {source.role: source for source in branch.sources}
-        self.weight_sources["fusion_net"] = WeightSource("fusion_net", None, None, "random init")
+        self.weight_sources["fusion_net"] = WeightSource("fusion_net", None, None, "trained from scratch")
         self.weight_sources.update({source.role: source for source in self.flow.sources})
         if fusion.init_from is not None:
             self.weight_sources.update({source.role: source for source in load_fusion_init(fusion.init_from, self)})

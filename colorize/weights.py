@@ -26,7 +26,7 @@ from torch import nn
 from colorize.config import ExemplarConfig
 from colorize.swintexco import ColorVidNet, SwinEmbed, WarpNet
 from common.checkpoint import CheckpointError, file_sha256, load_checkpoint, save_checkpoint
-from common.errors import ConfigError, UserError
+from common.errors import ConfigError
 
 FUSION_FORMAT = "flowchroma-fusion-v1"
 SWINTEXCO_FILES = ("embed_net", "nonlocal_net", "colornet")
@@ -34,7 +34,7 @@ HUB_BACKBONES = {"swinv2_cr_tiny_ns_224": "swinv2_cr_tiny_ns_224.sw_in1k"}
 COLORNET_INPUT_KEY = "conv1_1.0.weight"
 
 
-class WeightFileError(CheckpointError, UserError):
+class WeightFileError(CheckpointError):
     """A weight file is missing, unreadable, or does not match the module it is loaded into."""
 
 
@@ -61,11 +61,11 @@ class WeightSource:
         return asdict(self)
 
     def describe(self) -> str:
-        """One line for the start-up panel."""
+        """Where the weights came from, in one line (start-up panel)."""
+        note = f" ({self.note})" if self.note else ""
         if self.path is None:
-            return f"{self.role}: RANDOM INIT{' (' + self.note + ')' if self.note else ''}"
-        digest = f" sha256 {self.sha256}" if self.sha256 else ""
-        return f"{self.role}: {self.path}{digest}{' (' + self.note + ')' if self.note else ''}"
+            return f"RANDOM INIT{note}"
+        return f"{self.path}{' sha256 ' + self.sha256 if self.sha256 else ''}{note}"
 
 
 def file_source(role: str, path: str | Path, note: str = "") -> WeightSource:
@@ -175,7 +175,7 @@ def _build_embed_net(cfg: ExemplarConfig, image_size: int, notes: list[str]) -> 
                "from scratch")
     warnings.warn(message, stacklevel=3)
     notes.append(message)
-    return SwinEmbed(**common), WeightSource("embed_net", None, None, "random init")
+    return SwinEmbed(**common), WeightSource("embed_net", None, None, "no weight source given")
 
 
 def build_exemplar_branch(cfg: ExemplarConfig, image_size: int) -> ExemplarBranch:
@@ -185,8 +185,8 @@ def build_exemplar_branch(cfg: ExemplarConfig, image_size: int) -> ExemplarBranc
         embed, embed_source = _build_embed_net(cfg, image_size, notes)
         nonlocal_net = WarpNet(cfg.warpnet_width, embed.channels)
         colornet = ColorVidNet(7)
-        sources = [embed_source, WeightSource("nonlocal_net", None, None, "random init (Strategy 2)"),
-                   WeightSource("colornet", None, None, "random init, unused (Strategy 2)")]
+        sources = [embed_source, WeightSource("nonlocal_net", None, None, "Strategy 2: trained from scratch"),
+                   WeightSource("colornet", None, None, "Strategy 2: not used")]
         return ExemplarBranch(embed, nonlocal_net, colornet, sources, 2, notes)
     folder = Path(cfg.swintexco_ckpt)
     paths = {name: folder / f"{name}.pth" for name in SWINTEXCO_FILES}

@@ -67,3 +67,26 @@ def random_lab(*shape: int, generator: torch.Generator | None = None) -> torch.T
     from colorize.lab import rgb_to_normalized_lab
 
     return rgb_to_normalized_lab(torch.rand(*shape, generator=generator))
+
+
+def write_tiny_davis(root, train: int = 4, val: int = 1, frames: int = 8, seed: int = 0):
+    """A small dataset in the demo's DAVIS layout: the demo's scenes, fewer and shorter sequences, one reference
+    (the scene at t = -4) per sequence under ``references/``."""
+    from PIL import Image
+
+    from colorize.demo_data import REFERENCE_TIMES, make_scene, render_rgb
+
+    for split, count in (("train", train), ("val", val)):
+        names = [f"tiny_{split}_{index}" for index in range(count)]
+        (root / "ImageSets" / "2017").mkdir(parents=True, exist_ok=True)
+        (root / "ImageSets" / "2017" / f"{split}.txt").write_text("\n".join(names) + "\n")
+        for index, name in enumerate(names):
+            scene = make_scene(seed, split, index)
+            folder = root / "JPEGImages" / "480p" / name
+            folder.mkdir(parents=True)
+            for t in range(frames):
+                Image.fromarray(render_rgb(scene, t)).save(folder / f"{t:05d}.jpg", quality=95)
+            (root / "references" / name).mkdir(parents=True)
+            Image.fromarray(render_rgb(scene, REFERENCE_TIMES[0])).save(root / "references" / name / "ref_000.jpg",
+                                                                        quality=95)
+    return root

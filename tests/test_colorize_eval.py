@@ -1,20 +1,18 @@
-"""Streamed evaluation (spec/colorize.md §7) with a stand-in for common.video_metrics (written by another change;
-only PSNR is computed here, by a tiny local function)."""
+"""Streamed evaluation (spec/colorize.md §7) through the real common.video_metrics: files, baselines, and the fused
+PSNR against an independent per-frame computation."""
 
 from __future__ import annotations
 
 import csv
 import json
-import sys
-import types
 
 import numpy as np
 import pytest
 import torch
 
 from colorize.config import EvalConfig
-from colorize.data import find_validation_sequences
-from colorize.evaluate import CSV_COLUMNS, colorize_sequence, evaluate, sample_indices
+from colorize.data import ReferencePool, find_validation_sequences, load_validation_sequence
+from colorize.evaluate import colorize_sequence, evaluate, sample_indices
 from tests.colorize_helpers import demo_data_config, demo_root, demo_system, no_network  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("no_network")
@@ -25,59 +23,38 @@ def _psnr(pred_frames, gt_frames) -> float:
     return float(np.mean([10 * np.log10(255.0 ** 2 / e) if e else np.inf for e in errors]))
 
 
-@pytest.fixture
-def metrics_module(monkeypatch):
-    """A stand-in ``common.video_metrics`` with the planned interface; records the calls."""
-    calls = {"quantize": 0, "warp_flow": []}
-    module = types.ModuleType("common.video_metrics")
-
-    def quantize(x01):
-        calls["quantize"] += 1
-        return np.clip(np.rint(255.0 * np.asarray(x01)), 0, 255).astype(np.uint8)
-
-    def warp_error(pred_frames, gt_frames, flow="dis"):
-        calls["warp_flow"].append(flow)
-        return 0.0
-
-    module.quantize = quantize
-    module.psnr_video = _psnr
-    module.ssim_video = lambda pred, gt: 1.0
-    module.colorfulness = lambda frames: float(np.mean([f.std() for f in frames]))
-    module.cdc = lambda frames: 0.0
-    module.warp_error = warp_error
-    monkeypatch.setitem(sys.modules, "common.video_metrics", module)
-    import common
-
-    monkeypatch.setattr(common, "video_metrics", module, raising=False)
-    return calls
-
-
-def test_evaluation_files_and_baselines(demo_root, tmp_path, metrics_module):
+def test_evaluation_files_and_baselines(demo_root, tmp_path):
     cfg = demo_data_config(demo_root)
     sequences = find_validation_sequences(cfg)[:2]
     system = demo_system()
     system.train()
-    metrics = evaluate(system, sequences, cfg, EvalConfig(max_frames=6, save_frames=True), tmp_path / "eval")
+    metrics = evaluate(system, sequences, cfg, EvalConfig(max_frames=6, save_frames=True), tmp_path / "eval",
+                       extra={"epoch": 3})
     assert system.training  # the caller's mode is restored
 
     assert set(metrics) >= {"fused", "gray", "exemplar", "n_sequences", "n_frames", "warp_flow", "eval_temperature"}
     assert metrics["n_sequences"] == 2 and metrics["n_frames"] == 12 and metrics["warp_flow"] == "dis"
+    assert metrics["epoch"] == 3 and set(metrics["omitted"]) == {"LPIPS", "FID"}
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["fused"] == pytest.approx(metrics["fused"])
-    assert metrics_module["warp_flow"] == ["dis"] * 6 and metrics_module["quantize"] > 0
+    pool = ReferencePool(cfg.imagenet)
     for method in ("fused", "gray", "exemplar"):
         with open(tmp_path / "eval" / f"metrics_{method}.csv") as handle:
             rows = list(csv.DictReader(handle))
-        assert tuple(rows[0]) == CSV_COLUMNS
+        assert list(rows[0]) == ["video", "n_frames", "PSNR", "SSIM", "colorfulness", "CDC", "warp_error"]
         assert [row["video"] for row in rows] == [s.name for s in sequences] + ["mean"]
-        assert float(rows[-1]["PSNR"]) == pytest.approx(np.mean([float(r["PSNR"]) for r in rows[:-1]]))
-        assert float(rows[-1]["PSNR"]) == pytest.approx(metrics[method]["PSNR"])
+        assert float(rows[-1]["PSNR"]) == pytest.approx(np.mean([float(r["PSNR"]) for r in rows[:-1]]), rel=1e-6)
+        assert float(rows[-1]["PSNR"]) == pytest.approx(metrics[method]["PSNR"], rel=1e-6)
+        assert (tmp_path / "eval" / f"metrics_{method}.json").is_file()
         assert len(list((tmp_path / "eval" / "frames" / method / sequences[0].name).glob("*.png"))) == 6
+    system.eval()
+    frames = colorize_sequence(system, load_validation_sequence(sequences[0], cfg, pool, 6))
+    with open(tmp_path / "eval" / "metrics_fused.csv") as handle:
+        first = next(csv.DictReader(handle))
+    assert float(first["PSNR"]) == pytest.approx(_psnr(frames["fused"], frames["gt"]), rel=1e-6)
     assert sorted(p.name for p in (tmp_path / "eval" / "samples").iterdir()) == [f"{s.name}.png" for s in sequences]
 
 
-def test_colorized_frames_follow_the_definitions(demo_root, metrics_module):
-    from colorize.data import ReferencePool, load_validation_sequence
-
+def test_colorized_frames_follow_the_definitions(demo_root):
     cfg = demo_data_config(demo_root)
     sequence = load_validation_sequence(find_validation_sequences(cfg)[0], cfg, ReferencePool(cfg.imagenet), 4)
     system = demo_system()
