@@ -18,18 +18,15 @@ Ctrl-C saves a state and exits (75 / 130). Outputs: --train.output-dir (spec §6
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 import warnings
 from pathlib import Path
 
-# Threads that wait passively: on a shared CPU, OpenMP's busy-waiting threads slow each other several-fold.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import torch  # noqa: E402
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402,F401  (first: it makes OpenMP wait passively, which must be set before torch loads)
+import torch  # noqa: E402
 
 # The configuration (paper defaults, demo preset, every flag with its help): colorize/config.py.
 from colorize.config import ColorizeConfig, resolve_config, resolve_eval_command  # noqa: E402
