@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 # The configuration (paper defaults, demo preset, --modes stages, every flag with its help): maefuse/config.py.
 from maefuse.config import Stage, TrainConfig, resolve_train_config, stage_plan  # noqa: E402
 
-from common.checkpoint import CheckpointManager, ResumeRefused, atomic_write_json  # noqa: E402
+from common.checkpoint import CheckpointManager, ResumeRefused  # noqa: E402
 from common.cli import parse  # noqa: E402
 from common.console import RunConsole  # noqa: E402
 from common.data import GlobalBatchSampler, WorkerSeeder, epoch_batches, to_device  # noqa: E402
@@ -49,8 +49,8 @@ from common.state import TrainState, compare_signature  # noqa: E402
 from common.step import OptimStep  # noqa: E402
 from maefuse import recipe  # noqa: E402
 from maefuse.data import build_training_dataset, discover_extra_images, discover_pairs  # noqa: E402
-from maefuse.evaluate import EvaluateArgs, check_lines, demo_quality, evaluate  # noqa: E402
-from maefuse.inference import FuseArgs, fuse, model_from_weights, write_samples  # noqa: E402
+from maefuse.evaluate import EvaluateArgs, evaluate  # noqa: E402
+from maefuse.inference import FuseArgs, fuse, write_samples  # noqa: E402
 from maefuse.modes import build_optimizer, get_mode, mode_loss, reconstruction_mse  # noqa: E402
 from maefuse.weights import is_save_epoch  # noqa: E402
 
@@ -218,31 +218,6 @@ def train_stage(stage: Stage, previous: Stage | None, resume: str, cfg: TrainCon
     return None
 
 
-def demo_report(cfg: TrainConfig, final: Path, console, started: float) -> Path:
-    """Fuse and score the demo's held-out pairs with the final weights, add the reconstruction check of the
-    decoder pretraining, and write `demo_report.json` (spec §9 check 14)."""
-    model, report_line = model_from_weights(final)
-    console.print(report_line.describe())
-    report = demo_quality(model, cfg.demo_root / "test", cfg.output_dir / "eval")
-    pretraining = [stage for stage in stage_plan(cfg) if stage.mode == "train_decoder_only"]
-    if pretraining:
-        recon = read_complete(recipe.checkpoint_dir(pretraining[0]))["reconstruction_mse"]
-        report["checks"]["reconstruction"] = {"before": recon["before"], "after": recon["after"],
-                                              "required": 0.5 * recon["before"],
-                                              "passed": recon["after"] <= 0.5 * recon["before"]}
-        report["passed"] = all(check["passed"] for check in report["checks"].values())
-    report["seconds"] = {"total": time.perf_counter() - started, "threads": torch.get_num_threads()}
-    path = atomic_write_json(cfg.output_dir / "demo_report.json", report)
-    for line in check_lines({"checks": {k: v for k, v in report["checks"].items() if k != "reconstruction"}}):
-        console.print(line)
-    if "reconstruction" in report["checks"]:
-        check = report["checks"]["reconstruction"]
-        console.print(f"demo check reconstruction: MSE {check['before']:.4f} -> {check['after']:.4f}, required "
-                      f"<= {check['required']:.4f}: {'pass' if check['passed'] else 'FAIL'}")
-    console.print(f"demo {'PASSED' if report['passed'] else 'FAILED'}: {path}")
-    return path
-
-
 def main(cfg: TrainConfig, notices: list[str], argv: list[str]) -> int:
     """Train the stages of the config in order; the demo then fuses and scores its held-out pairs."""
     started = time.perf_counter()
@@ -289,13 +264,14 @@ def main(cfg: TrainConfig, notices: list[str], argv: list[str]) -> int:
                "tensorboard": cfg.output_dir}
     if accelerator.is_main_process:
         if cfg.uses_demo_data:
-            report = demo_report(cfg, final, console, started)
+            report = recipe.write_demo_report(cfg, final, console.print, started)
             results.update({"report": report, "fused grid": cfg.output_dir / "eval" / "fusion_grid.png",
                             "metrics": cfg.output_dir / "eval" / "summary.json"})
         elif data["samples"]:
             results["samples"] = stages[-1].folder / "samples" / f"epoch{stages[-1].epochs - 1}" / "grid.png"
-        run.finish(results, recipe.next_steps(cfg, final, cfg.demo_root / "test" if cfg.uses_demo_data
-                                              else cfg.data_path), title=f"done in {time.perf_counter() - started:.1f}s")
+        fuse_data = cfg.demo_root / "test" if cfg.uses_demo_data else cfg.data_path
+        run.finish(results, recipe.next_steps(cfg, final, fuse_data),
+                   title=f"done in {time.perf_counter() - started:.1f}s")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return 0

@@ -111,9 +111,9 @@ class TrainConfig:
     weight_decay: float = 0.05
     """AdamW weight decay of trainable weights with ndim >= 2 (biases and 1-D parameters get none)."""
     lr_schedule: Literal["constant", "cosine"] = "constant"
-    """constant (paper), or cosine to 0 after --warmup_epochs of linear warm-up (per iteration)."""
+    """constant (paper), or cosine to 0 after --warmup_epochs of warm-up (the kit's quadratic ramp), per iteration."""
     warmup_epochs: int = 0
-    """Linear warm-up epochs of the cosine schedule."""
+    """Warm-up epochs of the cosine schedule."""
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     """fp32 (no) or bf16 autocast; fp16 is refused (no loss scaling in MaeFuse's recipe)."""
     seed: int = 0
@@ -241,9 +241,9 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
     for name, value in (("--batch_size", cfg.batch_size), ("--log_every", cfg.log_every), ("--lr", cfg.lr)):
         if value <= 0:
             raise ConfigError(f"{name} must be positive, got {value}")
-    for name, value in (("--val_every", cfg.val_every), ("--save_every", cfg.save_every), ("--keep_last", cfg.keep_last),
-                        ("--warmup_epochs", cfg.warmup_epochs), ("--recon_pairs", cfg.recon_pairs),
-                        ("--num_workers", cfg.num_workers)):
+    for name, value in (("--val_every", cfg.val_every), ("--save_every", cfg.save_every),
+                        ("--keep_last", cfg.keep_last), ("--warmup_epochs", cfg.warmup_epochs),
+                        ("--recon_pairs", cfg.recon_pairs), ("--num_workers", cfg.num_workers)):
         if value < 0:
             raise ConfigError(f"{name} must be >= 0, got {value}")
     if cfg.max_pairs is not None and cfg.max_pairs < 1:

@@ -22,12 +22,15 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from common.checkpoint import file_sha256
+from common.checkpoint import atomic_write_json, file_sha256
 from common.ivif.data import FilePair, Pair, pairs_listing
 from common.plots import plot_curves
+from common.resume import read_complete
 from common.schedules import Schedule
-from maefuse.config import Stage, TrainConfig
+from maefuse.config import Stage, TrainConfig, stage_plan
 from maefuse.data import PairDataset
+from maefuse.evaluate import check_lines, demo_quality
+from maefuse.inference import model_from_weights
 from maefuse.model import MaeFuse, build_model, module_summary
 from maefuse.modes import check_initial_weights, check_official_groups, get_mode
 from maefuse.weights import (FILE_NAMES, InitialWeights, epoch_files, exported_epochs, load_initial_weights,
@@ -36,6 +39,7 @@ from maefuse.weights import (FILE_NAMES, InitialWeights, epoch_files, exported_e
 SCRIPT = "train_mae_fusion.py"
 STATE_PREFIX = "maefuse"  # resumable states: <stage folder>/checkpoints/maefuse_step_<N>.pth
 MAX_NONFINITE_STEPS = 20
+RECONSTRUCTION_RATIO = 0.5  # demo gate: the decoder pretraining at least halves the reconstruction MSE
 SAMPLE_PAIRS = 8
 
 
@@ -166,7 +170,8 @@ def banner(cfg: TrainConfig, stage: Stage, model: MaeFuse, pairs: int, iters_per
     lines = [f"{stage.label}: preset {cfg.preset}, model {size.name} ({size.img_size}px, patch {size.patch_size}, "
              f"D {size.embed_dim}x{size.depth}, d {size.decoder_embed_dim}x{size.decoder_depth}), "
              f"fusion_attention {model.fusion_attention}{group}, batch {cfg.batch_size} "
-             f"global / {per_device} per device x {accelerator.num_processes}, precision {accelerator.mixed_precision}, "
+             f"global / {per_device} per device x {accelerator.num_processes}, "
+             f"precision {accelerator.mixed_precision}, "
              f"{pairs} pairs, {iters_per_epoch} iterations x {stage.epochs} epochs, lr {stage.lr:g}; outputs in "
              f"{stage.folder}",
              f"  {'module':<13}{'trainable':>13}{'params':>13}"]
@@ -243,3 +248,27 @@ def next_steps(cfg: TrainConfig, final: Path, data_path: Path | None) -> list[st
     return [f"python {SCRIPT} fuse --ckpt {final} --data_path {data} --out_dir {out}",
             f"python {SCRIPT} evaluate --fused_dir {out} --data_path {data}",
             f"tensorboard --logdir {cfg.output_dir}"]
+
+
+def write_demo_report(cfg: TrainConfig, final: Path, say: Callable[[str], None], started: float) -> Path:
+    """Fuse and score the demo's held-out pairs with the final weights (`eval/`), add the reconstruction check of
+    the decoder pretraining, and write `demo_report.json` (spec §9 check 14); one console line per check."""
+    model, report_line = model_from_weights(final)
+    say(report_line.describe())
+    report = demo_quality(model, cfg.demo_root / "test", cfg.output_dir / "eval")
+    lines = check_lines(report)
+    pretraining = [stage for stage in stage_plan(cfg) if stage.mode == "train_decoder_only"]
+    recon = read_complete(checkpoint_dir(pretraining[0]))["reconstruction_mse"] if pretraining else None
+    if recon:
+        passed = recon["after"] <= RECONSTRUCTION_RATIO * recon["before"]
+        report["checks"]["reconstruction"] = {"before": recon["before"], "after": recon["after"],
+                                              "required": RECONSTRUCTION_RATIO * recon["before"], "passed": passed}
+        report["passed"] = report["passed"] and passed
+        lines.append(f"demo check reconstruction: MSE {recon['before']:.4f} -> {recon['after']:.4f}, required <= "
+                     f"{RECONSTRUCTION_RATIO * recon['before']:.4f}: {'pass' if passed else 'FAIL'}")
+    report["seconds"] = {"total": time.perf_counter() - started, "torch_threads": torch.get_num_threads()}
+    path = atomic_write_json(cfg.output_dir / "demo_report.json", report)
+    for line in lines:
+        say(line)
+    say(f"demo {'PASSED' if report['passed'] else 'FAILED'}: {path}")
+    return path

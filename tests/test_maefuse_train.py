@@ -229,3 +229,22 @@ def test_resume_state_auto_continues_at_epoch_two(data, tmp_path):
     resumed = torch.load(tmp_path / "run" / "checkpoint-1.pth", weights_only=True)["model"]
     straight = torch.load(tmp_path / "straight" / "checkpoint-1.pth", weights_only=True)["model"]
     assert all(torch.equal(resumed[key], straight[key]) for key in straight)
+
+
+def test_bare_run_announces_and_runs_the_demo(data, tmp_path):
+    """No --data_path: the demo preset (shortened here) on the demo data, then fuse + evaluate of its held-out pairs
+    into demo_report.json with every check, including the reconstruction ratio of the decoder pretraining."""
+    out = tmp_path / "demo"
+    code, stdout, stderr = train_here("--demo_root", str(data), "--output_dir", str(out), "--max_pairs", "4",
+                                      "--img_size", "32", "--no_tensorboard", "--modes", "train_decoder_only:1",
+                                      "train_MFM_mean_CFM_open:1", "train_decoder_CFM_MFM:1")
+    assert code == 0, stderr
+    assert stdout.startswith("No --data_path given: running the demo preset") and "first 4 pairs, batch 4" in stdout
+    report = json.loads((out / "demo_report.json").read_text())
+    assert set(report["checks"]) == {"qabf", "texture_std_ratio", "texture_corr", "target_contrast", "fused_images",
+                                     "reconstruction"}
+    assert report["passed"] == all(check["passed"] for check in report["checks"].values())
+    assert report["checks"]["fused_images"]["count"] == 8 and report["checks"]["fused_images"]["source_sizes"]
+    for name in ("eval/fusion_grid.png", "eval/metrics.csv", "eval/summary.json", "eval/fused/000.png"):
+        assert (out / name).is_file(), name
+    assert f"demo {'PASSED' if report['passed'] else 'FAILED'}: {out / 'demo_report.json'}" in stdout
