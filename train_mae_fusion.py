@@ -72,14 +72,15 @@ def train_stage(stage: Stage, previous: Stage | None, resume: str, cfg: TrainCon
     if plan.action == "complete":
         compare_signature(checkpoints.directory / "DONE.json", plan.record["signature"], {**signature, "soft": {}},
                           cfg.run.resume_force, console.warn)
-        if plan.record["epochs"] >= stage.epochs:
-            console.print(f"{stage.label}: complete ({plan.record['epochs']} epochs, {stage.folder}); skipping")
+        finished = plan.record["epochs"]
+        if finished >= stage.epochs:
+            console.print(f"{stage.label}: complete ({finished} epochs, {stage.folder}); skipping")
             return None
-        plan = plan_resume("auto", checkpoints.paths(), stage.folder / "none")
+        plan = plan_resume("auto", checkpoints.paths(), stage.folder / "none")  # its newest state, marker ignored
         if plan.action != "resume":
-            raise ResumeRefused(f"{stage.label} finished {plan.record['epochs']} epochs and its resumable states "
-                                "are gone (--prune_finished), so it cannot be extended; start it over with --overwrite")
-        console.warn(f"{stage.label}: finished {plan.record['epochs']} epochs before; continuing to {stage.epochs}")
+            raise ResumeRefused(f"{stage.label} finished {finished} epochs and its resumable states are gone "
+                                "(--prune_finished), so it cannot be extended; start it over with --overwrite")
+        console.warn(f"{stage.label}: finished {finished} epochs before; continuing to {stage.epochs}")
 
     # Data: epoch e's order depends only on (seed, e), for any number of processes.
     extras = data["extra_images"] if stage.mode == "train_decoder_only" else ()
@@ -146,11 +147,11 @@ def train_stage(stage: Stage, previous: Stage | None, resume: str, cfg: TrainCon
         end_of_epoch = position.next_batch(iters_per_epoch)
         console.advance(position.step)
 
-        if recipe.is_log_point(position.step, cfg.log_every, iters_per_epoch):
+        if position.step % cfg.log_every == 0 or end_of_epoch:
             stepper.check()
             series.flush(accelerator)
-            means = recipe.window_means(series.tail(recipe.last_log_point(position.step, cfg.log_every,
-                                                                          iters_per_epoch)))
+            means = recipe.window_means(series.tail(recipe.log_window_start(position.step, cfg.log_every,
+                                                                            iters_per_epoch)))
             speed = console.rate(position.step)[0] * cfg.batch_size
             console.log(position.step, {"loss": means["loss"], "lr": lr},
                         line=recipe.log_line(stage, position.step, iters_per_epoch, means, lr, speed))

@@ -25,7 +25,15 @@ from maefuse.modes import DEFAULT_MODE, TrainingMode, check_initial_weights, get
 
 PAPER_EPOCHS = 80
 DECODER_PRETRAINING_EPOCHS = 50  # inferred from the public `checkpoint-50.pth` (§4.2)
-DEMO_MODES = ("train_decoder_only:6:1e-3", "train_MFM_mean_CFM_open:2:1e-3", "train_decoder_CFM_MFM:4:3e-4")
+# The demo's stages (§4.4 allows retuning epochs, lr, the stage split and the tiny width). Measured on the demo data
+# (tiny, seed 0): the §4.4 split leaves the fusion layer on the plateau where both attentions average over all tokens
+# (mean loss 0.128 = the tokens' variance within an image, for ~125 iterations at lr 3e-3), so its output decodes to a
+# flat image (gray std 1.9); training CFM alone first localises its attention within ~50 iterations, after which MFM
+# (CFM locked) follows and the output shows the scene (gray std 5.5, target contrast 1.6). A higher lr makes the
+# decoder pretraining converge (MSE 1.09 -> 0.015). The fusion stage still flattens the image: see README.md.
+DEMO_MODES = ("train_decoder_only:6:2e-3", "train_CFM_mean:3:3e-3", "train_MFM_mean_CFM_lock:4:3e-3",
+              "train_decoder_CFM_MFM:2:1e-4")
+DEMO_DECODER_WIDTH = 64  # half the tiny decoder width: the same reconstruction per iteration at ~60 % of the time
 
 
 @dataclass(frozen=True)
@@ -206,12 +214,13 @@ def stage_plan(cfg: TrainConfig) -> list[Stage]:
 
 
 def demo_defaults(base: TrainConfig) -> TrainConfig:
-    """The demo preset (§4.4): tiny model, tokens attention, batch 4, no workers, seed 0, the first 64 demo pairs,
-    exports at each stage's last epoch only, then fuse + evaluate of the held-out pairs."""
+    """The demo preset (§4.4, retuned as `DEMO_MODES` says): tiny model with a 64-wide decoder, tokens attention,
+    batch 4, no workers, seed 0, the first 64 demo pairs, exports and samples at each stage's last epoch only, then
+    fuse + evaluate of the held-out pairs."""
     return dataclasses.replace(
         base, preset="demo", data_path=base.demo_root / "train", max_pairs=64, modes=DEMO_MODES, batch_size=4,
-        num_workers=0, seed=0, model=ModelOptions(model_size="tiny"), output_dir=Path("runs/mae_fusion_demo"),
-        log_every=8, val_every=0, save_every=0, recon_pairs=64)
+        num_workers=0, seed=0, model=ModelOptions(model_size="tiny", decoder_embed_dim=DEMO_DECODER_WIDTH),
+        output_dir=Path("runs/mae_fusion_demo"), log_every=8, val_every=0, save_every=0, recon_pairs=64)
 
 
 def announce_demo(cfg: TrainConfig) -> str:
@@ -219,7 +228,8 @@ def announce_demo(cfg: TrainConfig) -> str:
     stages = " -> ".join(f"{s.mode} {s.epochs} ep lr {s.lr:g}" for s in stage_plan(cfg))
     size = cfg.model.size()
     return (f"No --data_path given: running the demo preset on the generated infrared/visible dataset in "
-            f"{cfg.demo_root} (model {size.name} {size.img_size}x{size.img_size}, {cfg.model.fusion_attention} "
+            f"{cfg.demo_root} (model {cfg.model.model_size} {size.img_size}px, encoder width {size.embed_dim}, decoder "
+            f"width {size.decoder_embed_dim}, {cfg.model.fusion_attention} "
             f"attention, first {cfg.max_pairs} pairs, batch {cfg.batch_size}, seed {cfg.seed}: {stages}; then "
             f"fuse + evaluate of its held-out pairs; outputs in {cfg.output_dir}). Pass --data_path DIR to train "
             "on your data with the paper's settings.")

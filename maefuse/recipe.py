@@ -189,13 +189,9 @@ def log_line(stage: Stage, done: int, iters_per_epoch: int, means: Mapping[str, 
             f"lr {lr:.3e} | {images_per_second:.1f} img/s")
 
 
-def is_log_point(done: int, log_every: int, iters_per_epoch: int) -> bool:
-    """A log line follows iteration `done` every `log_every` iterations and at each epoch's end."""
-    return done % log_every == 0 or done % iters_per_epoch == 0
-
-
-def last_log_point(done: int, log_every: int, iters_per_epoch: int) -> int:
-    """The latest log point strictly before iteration `done` (where its log window begins)."""
+def log_window_start(done: int, log_every: int, iters_per_epoch: int) -> int:
+    """Where the log window ending at iteration `done` begins: the previous log line (every `log_every` iterations
+    and at each epoch's end), so a window never spans two epochs and a resumed run prints the same means."""
     before = done - 1
     return max(before // log_every * log_every, before // iters_per_epoch * iters_per_epoch)
 
