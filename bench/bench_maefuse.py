@@ -3,12 +3,13 @@
 For each size (`tiny`, `small`) the trainer (`train_mae_fusion.py`, in this process, mode `train_decoder_CFM_MFM`,
 fp32) and a plain loop over the same pairs, batch order (the kit's seeded global-batch sampler), network, AdamW
 groups and loss run the same iterations; their iteration time is the median interval between the starts of
-consecutive steps (data loading, forward, backward, step and bookkeeping included; medians resist a shared
-machine's spikes). Runs alternate (trainer, raw, raw, trainer, ...) so load drift affects both alike. A forward
+consecutive steps (data loading, forward, backward, step and bookkeeping included), in CPU time of this process
+(`time.process_time`: on a shared machine, other jobs stretch wall-clock intervals by a factor of 1 to 10 from one
+run to the next) and in wall-clock time. Runs alternate (trainer, raw, raw, trainer, ...). A forward
 hook on the encoder's patch embedding checks that every training step encodes the 2B images of its batch exactly
 once, with gradients disabled (spec §9 check 5). Prints a markdown row per size with the machine.
 
-    OMP_NUM_THREADS=2 python bench/bench_maefuse.py [--repeats 3]
+    OMP_NUM_THREADS=1 python bench/bench_maefuse.py [--repeats 5]
 """
 
 from __future__ import annotations
@@ -101,18 +102,25 @@ class EncoderCalls:
         self.handle.remove()
 
 
-def median_interval(starts: list[float]) -> float:
-    """Median time between consecutive step starts, without the first (warm-up) interval."""
-    return statistics.median(np.diff(starts)[1:])
+def clocks() -> tuple[float, float]:
+    """(CPU seconds of this process, wall-clock seconds)."""
+    return time.process_time(), time.perf_counter()
 
 
-def trainer_seconds(size: str, batch: int, iterations: int, data: Path, work: Path, calls: EncoderCalls) -> float:
-    """Seconds per iteration of `train_mae_fusion.py` (one epoch of `iterations` steps)."""
-    starts: list[float] = []
+def median_interval(starts: list[tuple[float, float]]) -> tuple[float, float]:
+    """Median (CPU, wall) time between consecutive step starts, without the first (warm-up) interval."""
+    intervals = np.diff(np.asarray(starts), axis=0)[1:]
+    return float(np.median(intervals[:, 0])), float(np.median(intervals[:, 1]))
+
+
+def trainer_seconds(size: str, batch: int, iterations: int, data: Path, work: Path,
+                    calls: EncoderCalls) -> tuple[float, float]:
+    """(CPU, wall) seconds per iteration of `train_mae_fusion.py` (one epoch of `iterations` steps)."""
+    starts: list[tuple[float, float]] = []
     original = OptimStep.__call__
 
     def timed(stepper, loss):
-        starts.append(time.perf_counter())
+        starts.append(clocks())
         calls.step()
         return original(stepper, loss)
 
@@ -129,8 +137,8 @@ def trainer_seconds(size: str, batch: int, iterations: int, data: Path, work: Pa
     return median_interval(starts)
 
 
-def raw_seconds(size: str, batch: int, iterations: int, data: Path) -> float:
-    """Seconds per iteration of a plain loop: same pairs and order, network, AdamW groups and loss."""
+def raw_seconds(size: str, batch: int, iterations: int, data: Path) -> tuple[float, float]:
+    """(CPU, wall) seconds per iteration of a plain loop: same pairs and order, network, AdamW groups and loss."""
     spec = get_mode(MODE)
     pairs = discover_pairs(data, max_pairs=batch * iterations)
     dataset = PairDataset(pairs, resolve_size(size).img_size)
@@ -143,7 +151,7 @@ def raw_seconds(size: str, batch: int, iterations: int, data: Path) -> float:
     optimizer = build_optimizer(model, lr=1e-4, fused=True)
     starts = []
     for batch_data in loader:
-        starts.append(time.perf_counter())
+        starts.append(clocks())
         loss = mode_loss(model, spec, batch_data["vi"], batch_data["ir"])["loss"]
         loss.backward()
         optimizer.step()
@@ -173,18 +181,23 @@ def main(cfg: BenchConfig) -> None:
                         raw_times.append(raw_seconds(size, batch, cfg.iterations, data))
             calls.close()
             once = all(step == [(2 * batch, False)] for step in passes)
-            trainer, raw = statistics.median(trainer_times), statistics.median(raw_times)
+            trainer = [statistics.median(t[i] for t in trainer_times) for i in (0, 1)]
+            raw = [statistics.median(t[i] for t in raw_times) for i in (0, 1)]
             rows.append((size, batch, trainer, raw, len(passes), once))
-            print(f"{size}: trainer {[f'{t:.3f}' for t in trainer_times]} s, raw {[f'{t:.3f}' for t in raw_times]} s; "
-                  f"{len(passes)} steps, encoder once per step on 2B images without grad: {once}", flush=True)
+            print(f"{size}: CPU s/iteration trainer {[f'{t[0]:.3f}' for t in trainer_times]}, raw "
+                  f"{[f'{t[0]:.3f}' for t in raw_times]}; wall trainer {[f'{t[1]:.3f}' for t in trainer_times]}, "
+                  f"raw {[f'{t[1]:.3f}' for t in raw_times]}; {len(passes)} steps, encoder once per step on 2B "
+                  f"images without grad: {once}", flush=True)
     machine = (f"{info['cpu']}, {info['cpu_count']} cores, {torch.get_num_threads()} torch threads, torch "
                f"{info['torch']}, {time.strftime('%Y-%m-%d')}")
     print(f"\nMaeFuse {MODE} step time, CPU fp32, {cfg.iterations} iterations x {cfg.repeats} alternating repeats: "
           f"{machine}\n")
-    print("| size | batch | trainer s/iteration | raw loop s/iteration | overhead | encoder once/step, 2B, no grad |")
-    print("|---|---:|---:|---:|---:|:---:|")
+    print("| size | batch | trainer CPU s/it | raw CPU s/it | overhead (CPU) | trainer wall s/it | raw wall s/it | "
+          "overhead (wall) | encoder once per step, 2B, no grad |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|:---:|")
     for size, batch, trainer, raw, steps, once in rows:
-        print(f"| {size} | {batch} | {trainer:.3f} | {raw:.3f} | {(trainer / raw - 1) * 100:+.1f} % | "
+        print(f"| {size} | {batch} | {trainer[0]:.3f} | {raw[0]:.3f} | {(trainer[0] / raw[0] - 1) * 100:+.1f} % | "
+              f"{trainer[1]:.3f} | {raw[1]:.3f} | {(trainer[1] / raw[1] - 1) * 100:+.1f} % | "
               f"{'yes' if once else 'NO'} ({steps} steps) |")
 
 
