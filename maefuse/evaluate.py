@@ -199,6 +199,6 @@ def check_lines(report: dict) -> list[str]:
             value, base = f"std min {check['gray_std_min']:.2f}", f"{check['count']}/{check['expected']} images"
         else:
             value, base = f"{check['fused']:.4f}", f"average {check['average']:.4f}"
-        lines.append(f"demo check {name}: {value} ({base}), required {check['required']}: "
+        lines.append(f"demo check {name}: {value} ({base}), required {check['required']:.4g}: "
                      f"{'pass' if check['passed'] else 'FAIL'}")
     return lines

@@ -27,13 +27,11 @@ from typing import Callable, Literal
 import torch
 import torch.nn as nn
 
-from common.checkpoint import CheckpointError, save_checkpoint
-from common.errors import UserError
+from common.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, strip_wrapper_prefixes
 from maefuse.model import MaeFuse
 
 WeightKind = Literal["resume", "fusion_weight", "all_weight", "mae_official", "unknown"]
 WeightFlag = Literal["resume", "fusion_weight", "all_weight"]
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 LISTED_KEYS = 20
 FULL_PREFIXES = {"resume": "model1.", "fusion_weight": "model2."}
 OFFICIAL_DROPPED = ("cls_token", "pos_embed", "mask_token")
@@ -46,7 +44,7 @@ FILE_NAMES = {"all_weight": "checkpoint{epoch}.pth", "fusion_weight": "fusion{ep
 """Exported file names by kind (spec §6)."""
 
 
-class WeightsFileError(CheckpointError, UserError):
+class WeightsFileError(CheckpointError):
     """A weight file cannot be used: missing, unreadable, pickled objects without `--unsafe_load`, or another kind
     than the flag accepts. One `error:` line and exit code 2 in the trainer."""
 
@@ -119,32 +117,17 @@ class InitialWeights:
         return any(report.fusion for report in self.reports)
 
 
-def strip_wrapper_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Remove any number of leading `module.` (DataParallel/DDP) and `_orig_mod.` (torch.compile) prefixes."""
-    stripped = {}
-    for key, value in state.items():
-        while key.startswith(WRAPPER_PREFIXES):
-            key = key.split(".", 1)[1]
-        stripped[key] = value
-    return stripped
-
-
 def _torch_load(path: Path, unsafe_load: bool) -> object:
     if unsafe_load:
         warnings.warn(f"{path}: loaded with pickle (--unsafe_load); this runs code from the file, so use it only "
                       "for files you trust", stacklevel=3)
         return torch.load(path, map_location="cpu", weights_only=False)
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises several types for foreign, truncated or pickled files
-        text = str(error)
-        if "weights_only" in text or "Unsupported global" in text or "Unpickl" in type(error).__name__:
-            raise WeightsFileError(f"{path}: holds pickled Python objects that weights_only loading refuses "
-                                   f"({text.splitlines()[0][:200]}); if you trust the file, pass --unsafe_load"
-                                   ) from error
-        raise WeightsFileError(f"{path}: not a readable PyTorch file, truncated or corrupt "
-                               f"({type(error).__name__}: {text.splitlines()[0][:200] if text else ''})") from error
+        return load_checkpoint(path, safe_globals=[argparse.Namespace], what="weight file")
+    except CheckpointError as error:
+        # The kit's loader refuses pickled objects for every trainer; MaeFuse also offers the explicit opt-in.
+        hint = "; if you trust the file, pass --unsafe_load" if "pickled" in str(error) else ""
+        raise WeightsFileError(f"{error}{hint}") from None
 
 
 def read_weights(path: str | Path, unsafe_load: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
