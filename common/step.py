@@ -75,6 +75,7 @@ class OptimStep:
         """Track ``model``'s currently trainable parameters (call again after a stage switch)."""
         self.model = model
         self.parameters = trainable_parameters(self.accelerator.unwrap_model(model))
+        prime_fused_sgd_momentum(self.optimizer, self.parameters)
 
     def __call__(self, loss: torch.Tensor) -> StepResult:
         """Backpropagate ``loss`` and, at a synchronisation step, clip and apply the optimizer step."""
@@ -163,3 +164,27 @@ def load_accumulation_state(accelerator, model, state: dict) -> None:
     for name, parameter in inner.named_parameters():
         saved = state["grads"].get(name)
         parameter.grad = None if saved is None else saved.to(parameter.device, parameter.dtype).clone()
+
+
+def prime_fused_sgd_momentum(optimizer, parameters) -> None:
+    """Give every trainable parameter of a fused momentum SGD a zero momentum buffer if it has none yet.
+
+    Why: fused SGD (torch 2.x ``_fused_sgd``) handles a group whose parameters all lack buffers (its first step) or all
+    have them, but crashes ("expected Tensor as element 0 in argument 2") on a mix, which is what unfreezing a
+    backbone under a trained head produces. With dampening 0 a zero buffer gives the same step as a missing one
+    (``buf = momentum * 0 + grad = grad``, the first-step rule), so this changes no result.
+    """
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the real one
+    if not isinstance(inner, torch.optim.SGD):
+        return
+    trainable = {id(p) for p in parameters}
+    for group in inner.param_groups:
+        if not group.get("fused") or group["momentum"] == 0:
+            continue
+        if group["dampening"] != 0:
+            raise UserError("fused SGD with dampening cannot add parameters after its first step; use fused=False")
+        for parameter in group["params"]:
+            state = inner.state[parameter]
+            if id(parameter) in trainable and state.get("momentum_buffer") is None:
+                state["momentum_buffer"] = torch.zeros_like(parameter, memory_format=torch.preserve_format)
+

@@ -353,3 +353,32 @@ def test_resume_training_fred_form_and_no_torch_import(tmp_path):
     usage = subprocess.run([sys.executable, str(ROOT / "resume_training.py")], capture_output=True, text=True,
                            env=env(), cwd=tmp_path)
     assert usage.returncode == 1 and "python resume_training.py RUN_DIR" in usage.stdout
+
+
+def test_fused_momentum_sgd_survives_an_unfreeze_and_equals_plain_sgd():
+    """Fused SGD crashes on a group mixing parameters with and without momentum buffers (a backbone unfrozen under a
+    trained head); OptimStep.set_model primes zero buffers, which gives exactly plain SGD's steps."""
+    from accelerate import Accelerator
+
+    from common.step import OptimStep
+
+    def run(fused: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 1))  # "0": backbone, "1": head
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, fused=fused)
+        accelerator = Accelerator(cpu=True)
+        stepper = OptimStep(accelerator, optimizer, model)
+        data = torch.randn(3, 8, 4)
+        apply_policy(model, FreezePolicy(trainable=("1",)))
+        stepper.set_model(model)
+        stepper(model(data[0]).square().mean())
+        optimizer.zero_grad(set_to_none=True)
+        apply_policy(model, FreezePolicy(trainable=("",)))
+        stepper.set_model(model)
+        for batch in data[1:]:
+            stepper(model(batch).square().mean())
+            optimizer.zero_grad(set_to_none=True)
+        return [p.detach().clone() for p in model.parameters()]
+
+    fused, plain = run(True), run(False)
+    assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(fused, plain))
