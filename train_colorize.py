@@ -157,9 +157,9 @@ def main(cfg: ColorizeConfig, notices: list[str], argv: list[str]) -> int:
     schedule = recipe.lr_schedule(cfg)
     preemption = Preemption(accelerator, every=cfg.train.log_every)
 
-    def close_epoch(epoch: int, final: bool) -> None:
+    def close_epoch(epoch: int, final: bool) -> Path:
         """Epoch ``epoch`` (1-based) ends: its means, validation and exports when due (always when ``final``), the
-        history, losses.mat, plots, and a resumable state."""
+        history, losses.mat, plots, and a resumable state (its path returned)."""
         stepper.check()
         series.flush(accelerator)
         first_step = (epoch - 1) * micro_per_epoch // accumulation
@@ -201,9 +201,10 @@ def main(cfg: ColorizeConfig, notices: list[str], argv: list[str]) -> int:
                 for line in outputs.metrics_table(metrics):
                     console.print(line)
         # At a run's end the state was saved before the validation; save again with this epoch's record.
-        state.save(checkpoints.path_for(position.step) if final else None)
+        path = state.save(checkpoints.path_for(position.step) if final else None)
         if is_main and final:
             checkpoints.prune()
+        return path
 
     # The loop, keyed by the optimizer step; epoch ends validate and export when due; stops save a state.
     batches = epoch_batches(loader, position)
@@ -242,15 +243,12 @@ def main(cfg: ColorizeConfig, notices: list[str], argv: list[str]) -> int:
         preempted = preemption.should_stop(position.step)
         every = cfg.run.checkpoint_every and position.micro_step % cfg.run.checkpoint_every == 0
         if end_of_epoch and not done:
-            close_epoch(position.epoch, final=False)
+            path = close_epoch(position.epoch, final=False)
         elif done or stop or preempted or every:
-            state.save()
+            path = state.save()
         if stop or preempted:
-            console.stop()
-            reason = "--stop-after" if stop else f"preempted ({preemption.signal_name})"
-            console.print(f"{reason}: saved a state at micro-batch {position.micro_step} (step {position.step}); "
-                          "run the same command again to continue")
-            return 0 if stop else preemption.exit_code
+            return preemption.halt(console, "colorize", path, stopped=stop,
+                                   at=f"micro-batch {position.micro_step} (step {position.step})")
     console.stop()
 
     # The end (all epochs, or the time budget): validate and export once, then the run is complete.

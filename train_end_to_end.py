@@ -169,21 +169,12 @@ def train_kind(kind: RunKind, cfg: CrossFuseConfig, accelerator, console, run: R
             for path in stages.export_models(inner, folder, kind, position.epoch):
                 console.print(f"Checkpoint, trained model saved at: {path}")
         stop = position.step == cfg.run.stop_after and not last_epoch
+        preempted = preemption.should_stop(position.step)
         every = cfg.run.checkpoint_every and position.step % cfg.run.checkpoint_every == 0
-        if saving_epoch or every or stop:
-            state.save()
-        if stop:
-            console.stop()
-            console.print(f"{kind}: stopped after iteration {position.step} (--stop-after); run the same command "
-                          "again to continue")
-            return 0
-        if preemption.should_stop(position.step):
-            saved_at = time.perf_counter()
+        if saving_epoch or every or stop or preempted:
             path = state.save()
-            console.stop()
-            console.print(f"preempted ({preemption.signal_name}): saved {path} in "
-                          f"{time.perf_counter() - saved_at:.2f}s; run the same command again to continue")
-            return preemption.exit_code
+            if stop or preempted:
+                return preemption.halt(console, kind, path, stopped=stop, at=f"iteration {position.step}")
     console.stop()
     stepper.check()
 

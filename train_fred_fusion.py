@@ -219,11 +219,8 @@ def main(cfg: FredConfig, notices: list[str], argv: list[str]) -> int:
             state.save(run_dir / outputs.LAST_STATE, extra=outputs.state_extra(
                 cfg, meta, state.stage, position.epoch, log.subdir, float("nan"), fitted, optimizer))
         if stop or preempted:
-            console.stop()
-            reason = "--stop-after" if stop else f"preempted ({preemption.signal_name})"
-            console.print(f"{reason}: saved {run_dir / outputs.LAST_STATE} at step {position.step}; run the same "
-                          "command again to continue")
-            return 0 if stop else preemption.exit_code
+            return preemption.halt(console, state.stage, run_dir / outputs.LAST_STATE, stopped=stop,
+                                   at=f"step {position.step}")
     console.stop()
 
     # Final: the EMA model on the test split, exported as fred_fusion_final.pth; the run is then complete.

@@ -174,21 +174,13 @@ def train_stage(stage: Stage, previous: Stage | None, resume: str, cfg: TrainCon
                     for path in recipe.export_epoch(inner, stage, epoch, cfg):
                         console.print(f"saved {path}")
         stop = position.step == cfg.run.stop_after and position.step < total_steps
+        preempted = preemption.should_stop(position.step)
         every = cfg.run.checkpoint_every and position.step % cfg.run.checkpoint_every == 0
-        if saving or every or stop:
-            state.save(extra={"reconstruction_mse": recon})
-        if stop:
-            console.stop()
-            console.print(f"{stage.label}: stopped after iteration {position.step} (--stop_after); run the same "
-                          "command again to continue")
-            return 0
-        if preemption.should_stop(position.step):
-            saved_at = time.perf_counter()
+        if saving or every or stop or preempted:
             path = state.save(extra={"reconstruction_mse": recon})
-            console.stop()
-            console.print(f"preempted ({preemption.signal_name}): saved {path} in "
-                          f"{time.perf_counter() - saved_at:.2f}s; run the same command again to continue")
-            return preemption.exit_code
+            if stop or preempted:
+                return preemption.halt(console, stage.label, path, stopped=stop, at=f"iteration {position.step}",
+                                       flag="--stop_after")
     console.stop()
     stepper.check()
 

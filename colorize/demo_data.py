@@ -24,9 +24,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +33,7 @@ from PIL import Image
 from scipy import ndimage
 
 from colorize.lab import lab_to_rgb
+from common.data import generate_folder
 from common.errors import DataError
 
 GENERATOR_VERSION = 1
@@ -245,23 +243,9 @@ def ensure_demo_dataset(root: str | Path, seed: int = 0) -> Path:
     if manifest is not None and (manifest.get("seed") != seed or manifest.get("version") != GENERATOR_VERSION):
         raise DataError(f"{root} holds the colorization demo dataset for seed {manifest.get('seed')} (generator "
                         f"version {manifest.get('version')}); choose another folder for seed {seed} or delete it")
-    if manifest is not None:
-        shutil.rmtree(root)  # our own dataset with files missing: regenerate
-    elif root.exists() and (not root.is_dir() or any(root.iterdir())):
+    if manifest is None and root.exists() and (not root.is_dir() or any(root.iterdir())):
         raise DataError(f"{root} exists and is not a colorization demo dataset; choose an empty or new folder")
-    root.parent.mkdir(parents=True, exist_ok=True)
-    temporary = Path(tempfile.mkdtemp(prefix=f".{root.name}.partial-", dir=root.parent))
-    try:
-        write_demo_dataset(temporary, seed)
-        try:
-            os.replace(temporary, root)
-        except OSError:
-            if not is_complete(root, seed):  # not a concurrent generator that finished first
-                raise
-    finally:
-        if temporary.exists():
-            shutil.rmtree(temporary)
-    return root
+    return generate_folder(root, lambda target: write_demo_dataset(target, seed), lambda: is_complete(root, seed))
 
 
 @dataclass(frozen=True)

@@ -167,3 +167,38 @@ def to_device(batch, device: torch.device, non_blocking: bool = True):
     if isinstance(batch, (list, tuple)):
         return type(batch)(to_device(value, device, non_blocking) for value in batch)
     return batch
+
+
+def generate_folder(root, write, ready):
+    """Generate a folder (a demo dataset) so that no reader ever sees it half-written.
+
+    ``write(target)`` fills a fresh folder beside ``root`` which is then renamed to ``root``: an interrupted
+    generation leaves at most a hidden ``.{name}.partial-*`` sibling (a killed process cannot delete it), never a
+    ``root`` that looks complete. An existing ``root`` (outdated or incomplete; the caller has checked that it is
+    its own) is replaced. Of several processes generating at once, the first to finish wins; the others accept its
+    result when ``ready()`` says it is the one they wanted.
+    """
+    import os
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from common.checkpoint import DIRECTORY_MODE
+
+    root = Path(root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.partial-", dir=root.parent))
+    target = staging / "data"
+    try:
+        write(target)
+        os.chmod(target, DIRECTORY_MODE)  # for everyone, like every output of the kit
+        if root.exists():  # outdated: moved into the staging folder, deleted below with it
+            os.replace(root, staging / "outdated")
+        try:
+            os.replace(target, root)
+        except OSError:
+            if not ready():  # not a concurrent generator that finished first
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return root

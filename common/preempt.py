@@ -87,6 +87,22 @@ class Preemption:
             self.signal_name = "SIGTERM"  # another process received it
         return stop
 
+    def halt(self, console, label: str, saved, *, stopped: bool, at: str, flag: str = "--stop-after") -> int:
+        """End a training loop early, after its state was saved: the one line a user sees and the exit code.
+
+        Args:
+            console: the run's console (its progress display is closed first).
+            label: what stopped (the run kind or stage), the line's prefix.
+            saved: the state file just written.
+            stopped: True for ``--stop-after`` (exit 0), False for a stop signal (75, or 130 for Ctrl-C).
+            at: the loop position, e.g. ``"iteration 12"``.
+            flag: the trainer's spelling of the stop flag.
+        """
+        console.stop()
+        reason = f"stopped after {at} ({flag})" if stopped else f"preempted ({self.signal_name}) after {at}"
+        console.print(f"{label}: {reason}: saved {saved}; run the same command again to continue")
+        return 0 if stopped else self.exit_code
+
     def raise_if_requested(self) -> None:
         """Outside the training loop: stop with :class:`Preempted` if a signal arrived (this process only)."""
         if self.requested:

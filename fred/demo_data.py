@@ -23,10 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,6 +31,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from common.data import generate_folder
 from common.errors import DataError
 
 GENERATOR_VERSION = 2
@@ -486,20 +484,8 @@ def ensure_fred_demo(root: str | Path = "data/fred_demo", seed: int = 0, **overr
         if meta is None or meta.get("generator") != "fred.demo_data":
             raise DemoDataError(f"{root} exists but is not a generated FRED demo (no {META_NAME}); pass another "
                                 "folder or --fred-root for real data")
-    root.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
-    try:
-        generate(staging / "data", params)
-        if root.exists():  # an outdated demo: moved into the staging folder, which is deleted below
-            os.replace(root, staging / "outdated")
-        try:
-            os.replace(staging / "data", root)
-        except OSError:
-            if not _matches(read_demo_meta(root), params):  # another process won the race with other params
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return root
+    return generate_folder(root, lambda target: generate(target, params),
+                           lambda: _matches(read_demo_meta(root), params))
 
 
 def main(argv: list[str] | None = None) -> int:

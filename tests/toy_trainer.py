@@ -206,18 +206,12 @@ def main(cfg: ToyConfig, argv: list[str]) -> int:
                 save_mat(cfg.run_dir / "loss" / f"loss_e{position.epoch - 1}.mat",
                          {**series.arrays(), "global_batch": cfg.batch})
         stop = position.micro_step == cfg.run.stop_after
+        preempted = preemption.should_stop(position.step)  # every process answers alike (see Preemption)
         every = cfg.run.checkpoint_every and position.micro_step % cfg.run.checkpoint_every == 0
-        if end_of_epoch or every or stop:
-            state.save()
-        if stop:
-            console.print(f"stopped after micro-step {position.micro_step}")
-            return 0
-        if preemption.should_stop(position.step):
-            started = time.perf_counter()
+        if end_of_epoch or every or stop or preempted:
             path = state.save()
-            console.print(f"preempted ({preemption.signal_name}): saved {path} in "
-                          f"{time.perf_counter() - started:.2f}s; resume with --resume auto")
-            return preemption.exit_code
+            if stop or preempted:  # the one line a user sees; exit 0 after --stop-after, 75/130 after a signal
+                return preemption.halt(console, "toy", path, stopped=stop, at=f"micro-step {position.micro_step}")
     console.stop()
     stepper.check()
     series.flush(accelerator)

@@ -19,9 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +26,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from common.checkpoint import DIRECTORY_MODE
+from common.data import generate_folder
 from common.errors import DataError
 
 TRAIN_COUNT = 128
@@ -192,24 +189,9 @@ def ensure_ivif_demo(root: str | Path, seed: int = 0) -> Path:
     if manifest is not None and (manifest.get("seed") != seed or manifest.get("version") != GENERATOR_VERSION):
         raise DataError(f"{root} holds the demo dataset for seed {manifest.get('seed')} (generator version "
                         f"{manifest.get('version')}); choose another folder for seed {seed} or delete it")
-    if manifest is not None:
-        shutil.rmtree(root)  # our own dataset with files missing: regenerate
-    elif root.exists() and (not root.is_dir() or any(root.iterdir())):
+    if manifest is None and root.exists() and (not root.is_dir() or any(root.iterdir())):
         raise DataError(f"{root} exists and is not a demo dataset folder; choose an empty or new folder")
-    root.parent.mkdir(parents=True, exist_ok=True)
-    temporary = Path(tempfile.mkdtemp(prefix=f".{root.name}.partial-", dir=root.parent))
-    os.chmod(temporary, DIRECTORY_MODE)  # mkdtemp makes it private; the dataset is for everyone
-    try:
-        write_ivif_demo(temporary, seed)
-        try:
-            os.replace(temporary, root)
-        except OSError:
-            if not is_complete(root, seed):  # not a concurrent generator that finished first
-                raise
-    finally:
-        if temporary.exists():
-            shutil.rmtree(temporary)
-    return root
+    return generate_folder(root, lambda target: write_ivif_demo(target, seed), lambda: is_complete(root, seed))
 
 
 @dataclass(frozen=True)
