@@ -38,7 +38,7 @@ DEMO_DECODER_WIDTH = 64  # half the tiny decoder width: the same reconstruction 
 
 @dataclass(frozen=True)
 class ModelOptions:
-    """Network size (a preset, any field overridden) and fusion attention (spec §2)."""
+    """Network size (a preset, any field overridden) and fusion attention."""
 
     model_size: Literal["large", "small", "tiny"] = "large"
     """Size preset: large (faithful ViT-L/16, 640 px), small (224 px, CPU experiments), tiny (128 px, demo)."""
@@ -74,7 +74,7 @@ class ModelOptions:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Train MaeFuse (spec/maefuse.md). Subcommands: train (default), fuse, evaluate; see
+    """Train MaeFuse (Li et al., IEEE TIP 2025) in stages. Subcommands: train (default), fuse, evaluate; see
     `python train_mae_fusion.py fuse --help`."""
 
     # ---------------------------------------------------------------------------------------------- data
@@ -93,9 +93,9 @@ class TrainConfig:
     """Seed of the demo dataset generator."""
     # ---------------------------------------------------------------------------------------------- stages
     training_mode: TrainingMode = DEFAULT_MODE
-    """The mode of a single-stage run (§4.1): which of decoder, CFM, MFM train, and with which loss."""
+    """The mode of a single-stage run (README table): which of decoder, CFM, MFM train, and with which loss."""
     modes: tuple[str, ...] = ()
-    """Stages run in sequence, MODE[:EPOCHS[:LR]] each (§4.3): stage k writes to {output_dir}/stage{k}_{mode}/
+    """Stages run in sequence, MODE[:EPOCHS[:LR]] each: stage k writes to {output_dir}/stage{k}_{mode}/
     and starts from the previous stage's final file. Empty: one stage of --training_mode in --output_dir."""
     resume: Path | None = None
     """Initial MAE encoder + 4-block decoder: a `checkpoint-{e}.pth` of train_decoder_only, the official MAE

@@ -102,7 +102,7 @@ class EvaluateArgs:
     out_dir: Path | None = None
     """Where `metrics.csv` and `summary.json` go (default: `fused_dir`)."""
     metrics: tuple[str, ...] = METRICS
-    """Metric columns (spec/metrics.md names)."""
+    """Metric columns (names as in `python -m common.fusion_metrics --help`)."""
     ckpt: Path | None = None
     """Weights for `latent_mean` (default: the `ckpt` recorded in `fusion.json`)."""
     img_size: int | None = None
