@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +32,7 @@ from PIL import Image
 from scipy import ndimage
 
 from colorize.lab import lab_to_rgb
-from common.data import generate_folder
+from common.data import GeneratedDataset
 from common.errors import DataError
 
 GENERATOR_VERSION = 1
@@ -205,47 +204,22 @@ def write_demo_dataset(out: str | Path, seed: int = 0) -> Path:
         path = out / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(contents[name])
-    manifest = {"generator": "colorize.demo_data", "version": GENERATOR_VERSION, "seed": seed,
-                "files": {name: hashlib.sha256(contents[name]).hexdigest() for name in demo_files()}}
-    (out / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    DATASET.write_manifest(out, seed, {name: hashlib.sha256(contents[name]).hexdigest() for name in demo_files()})
     return out
 
 
-def _manifest(root: Path) -> dict | None:
-    try:
-        manifest = json.loads((root / MANIFEST_NAME).read_text())
-    except (OSError, ValueError):
-        return None
-    return manifest if isinstance(manifest, dict) and manifest.get("generator") == "colorize.demo_data" else None
+DATASET = GeneratedDataset("colorize.demo_data", MANIFEST_NAME, GENERATOR_VERSION, demo_files, write_demo_dataset,
+                           "colorization demo dataset")
 
 
 def is_complete(root: str | Path, seed: int) -> bool:
-    """Whether ``root`` holds a complete demo dataset of this generator version and seed."""
-    root = Path(root)
-    manifest = _manifest(root)
-    return (manifest is not None and manifest.get("seed") == seed and manifest.get("version") == GENERATOR_VERSION
-            and all((root / name).is_file() for name in demo_files()))
+    """Whether ``root`` holds the complete colorization demo dataset of ``seed``."""
+    return DATASET.is_complete(root, seed)
 
 
 def ensure_demo_dataset(root: str | Path, seed: int = 0) -> Path:
-    """Return ``root`` holding the demo dataset for ``seed``, generating it first if absent or incomplete.
-
-    Generation writes a temporary sibling folder and renames it, so an interrupted run is never taken as complete
-    and concurrent processes are safe.
-
-    Raises:
-        DataError: ``root`` holds other files, or the dataset of another seed or generator version.
-    """
-    root = Path(root)
-    if is_complete(root, seed):
-        return root
-    manifest = _manifest(root)
-    if manifest is not None and (manifest.get("seed") != seed or manifest.get("version") != GENERATOR_VERSION):
-        raise DataError(f"{root} holds the colorization demo dataset for seed {manifest.get('seed')} (generator "
-                        f"version {manifest.get('version')}); choose another folder for seed {seed} or delete it")
-    if manifest is None and root.exists() and (not root.is_dir() or any(root.iterdir())):
-        raise DataError(f"{root} exists and is not a colorization demo dataset; choose an empty or new folder")
-    return generate_folder(root, lambda target: write_demo_dataset(target, seed), lambda: is_complete(root, seed))
+    """``root`` holding the colorization demo dataset of ``seed``, generated once (`GeneratedDataset.ensure`)."""
+    return DATASET.ensure(root, seed)
 
 
 @dataclass(frozen=True)

@@ -13,12 +13,20 @@ at the position's batch.
 
 from __future__ import annotations
 
+import json
+import os
 import random
+import shutil
+import tempfile
+from pathlib import Path
 from typing import Iterator, Mapping, NamedTuple
 
 import numpy as np
 import torch
 from torch.utils.data import Sampler
+
+from common.checkpoint import DIRECTORY_MODE
+from common.errors import DataError
 
 
 def epoch_permutation(num_samples: int, seed: int, epoch: int) -> np.ndarray:
@@ -169,7 +177,7 @@ def to_device(batch, device: torch.device, non_blocking: bool = True):
     return batch
 
 
-def generate_folder(root, write, ready):
+def generate_folder(root: str | Path, write, ready) -> Path:
     """Generate a folder (a demo dataset) so that no reader ever sees it half-written.
 
     ``write(target)`` fills a fresh folder beside ``root`` which is then renamed to ``root``: an interrupted
@@ -178,13 +186,6 @@ def generate_folder(root, write, ready):
     its own) is replaced. Of several processes generating at once, the first to finish wins; the others accept its
     result when ``ready()`` says it is the one they wanted.
     """
-    import os
-    import shutil
-    import tempfile
-    from pathlib import Path
-
-    from common.checkpoint import DIRECTORY_MODE
-
     root = Path(root)
     root.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.partial-", dir=root.parent))
@@ -202,3 +203,59 @@ def generate_folder(root, write, ready):
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return root
+
+
+class GeneratedDataset:
+    """A generated dataset (a demo's): its folder holds the files and, written last, a JSON manifest naming the
+    generator, its version and the seed. ``ensure(root, seed)`` returns a complete folder, generating it when absent
+    or incomplete (:func:`generate_folder`), and refuses a folder that holds anything else.
+
+    Args:
+        generator: the manifest's ``generator`` value (the module that writes it).
+        manifest_name: the manifest's file name.
+        version: the generator version; another version's folder is refused, not overwritten.
+        files: the relative file names a complete folder holds.
+        write: ``write(folder, seed)`` writes every file, then the manifest.
+        description: what it is, for messages ("colorization demo dataset").
+    """
+
+    def __init__(self, generator: str, manifest_name: str, version: int, files, write, description: str):
+        self.generator, self.manifest_name, self.version = generator, manifest_name, version
+        self.files, self.write, self.description = files, write, description
+
+    def write_manifest(self, folder: Path, seed: int, digests: Mapping[str, str]) -> None:
+        """Write the manifest (last: a folder without it is never taken as complete)."""
+        manifest = {"generator": self.generator, "version": self.version, "seed": seed, "files": dict(digests)}
+        (Path(folder) / self.manifest_name).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+
+    def manifest(self, root) -> dict | None:
+        """The folder's manifest if this generator wrote it, else None."""
+        try:
+            manifest = json.loads((Path(root) / self.manifest_name).read_text())
+        except (OSError, ValueError):
+            return None
+        return manifest if isinstance(manifest, dict) and manifest.get("generator") == self.generator else None
+
+    def is_complete(self, root, seed: int) -> bool:
+        """Whether ``root`` holds every file of this generator version and seed."""
+        manifest = self.manifest(root)
+        return (manifest is not None and manifest.get("seed") == seed and manifest.get("version") == self.version
+                and all((Path(root) / name).is_file() for name in self.files()))
+
+    def ensure(self, root: str | Path, seed: int = 0) -> Path:
+        """``root`` holding the dataset for ``seed``, generated first if absent or incomplete.
+
+        Raises:
+            DataError: ``root`` holds other files, or the dataset of another seed or generator version.
+        """
+        root = Path(root)
+        if self.is_complete(root, seed):
+            return root
+        manifest = self.manifest(root)
+        if manifest is not None and (manifest.get("seed") != seed or manifest.get("version") != self.version):
+            raise DataError(f"{root} holds the {self.description} for seed {manifest.get('seed')} (generator version "
+                            f"{manifest.get('version')}); choose another folder for seed {seed} or delete it")
+        if manifest is None and root.exists() and (not root.is_dir() or any(root.iterdir())):
+            raise DataError(f"{root} exists and is not a demo dataset folder (expected the {self.description}); "
+                            "choose an empty or new folder")
+        return generate_folder(root, lambda target: self.write(target, seed), lambda: self.is_complete(root, seed))

@@ -11,6 +11,7 @@ summary that says where the results are and what to run next.
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -64,10 +65,13 @@ class RunFolder:
         self.accelerator.wait_for_everyone()
 
     def remove(self, paths: Sequence[Path], reason: str) -> None:
-        """Delete earlier files (``--overwrite``) on the main process, then let every process continue."""
+        """Delete earlier files and folders (``--overwrite``) on the main process, then let every process continue."""
         if self.is_main and paths:
-            for path in paths:
-                Path(path).unlink(missing_ok=True)
+            for path in map(Path, paths):
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink(missing_ok=True)
             self.console.print(f"{reason}: deleted {len(paths)} earlier file(s) in {self.path}")
         self.accelerator.wait_for_everyone()
 

@@ -59,11 +59,13 @@ def state_files(run_dir: Path) -> list[Path]:
 
 
 def exported_files(run_dir: Path) -> list[Path]:
-    """EMA weight exports of a run folder (``ep*.pth``, best, final) and their ``.json`` sidecars."""
+    """A run folder's earlier outputs that ``--overwrite`` deletes: EMA weight exports (``ep*.pth``, best, final)
+    and their ``.json`` sidecars, the ``loss_<timestamp>/`` folders and the mAP work folder."""
     files = [p for p in run_dir.glob("ep[0-9][0-9][0-9]-loss*-val_loss*") if p.suffix in (".pth", ".json")]
     for name in (BEST_WEIGHTS, FINAL_WEIGHTS):
         files += [run_dir / name, (run_dir / name).with_suffix(".json")]
-    return [p for p in files if p.is_file()]
+    folders = [p for p in run_dir.glob("loss_[0-9]*") if p.is_dir()] + [run_dir / RESULTS_DIR.parts[0]]
+    return [p for p in files if p.is_file()] + [p for p in folders if p.is_dir()]
 
 
 def export_weights(path: Path, ema_state: dict, meta: dict, epoch: int, metrics: dict) -> Path:

@@ -106,6 +106,12 @@ def test_quick_test_crosses_the_switch(base_args, tmp_path):
     assert {p.name for p in tmp_path.iterdir()} == {"quick_test"}
     assert (quick / "freeze_epoch_1_weights.pth").is_file() and (quick / "unfreeze_epoch_2_weights.pth").is_file()
     assert len(state(quick / "last_epoch_weights.pth")["series"]["loss"]) == 4  # 2 batches per stage
+    # --overwrite starts over and leaves no folder of the earlier run behind (its loss_<timestamp> folder included)
+    first_logs = {p.name for p in quick.glob("loss_*")}
+    again = train(*base_args, "--quick-test", "--quick-test-batches", "2", "--save-dir", str(tmp_path), "--overwrite")
+    assert "quick test passed" in again.stdout
+    logs = {p.name for p in quick.glob("loss_*")}
+    assert len(first_logs) == 1 and len(logs) == 1 and logs != first_logs
 
 
 def test_four_epoch_run_writes_every_file(straight_run):
@@ -225,9 +231,11 @@ def test_missing_fred_root_is_one_clear_error(tmp_path):
     assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
 
 
-def test_bf16_quick_test_crosses_the_switch(base_args, tmp_path):
+def test_bf16_sgd_quick_test_crosses_the_switch(base_args, tmp_path):
+    """bf16 with the paper's optimizer: fused momentum SGD used to crash at the switch (new backbone parameters
+    without momentum buffers beside the head's)."""
     result = train(*base_args, "--quick-test", "--quick-test-batches", "2", "--mixed-precision", "bf16",
-                   "--save-dir", str(tmp_path))
+                   "--optimizer", "sgd", "--init-lr", "1e-2", "--save-dir", str(tmp_path))
     assert "quick test passed" in result.stdout and "precision bf16" in result.stdout
     losses = state(tmp_path / "quick_test" / "last_epoch_weights.pth")["series"]["loss"]
     assert len(losses) == 4 and torch.isfinite(losses).all()

@@ -18,7 +18,6 @@ texture only in VIS (IR is a smooth, low-contrast blur of the scene layout). Eac
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from common.data import generate_folder
+from common.data import GeneratedDataset
 from common.errors import DataError
 
 TRAIN_COUNT = 128
@@ -152,46 +151,22 @@ def write_ivif_demo(out: str | Path, seed: int = 0) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(images[name]).save(path, format="PNG")
         digests[name] = hashlib.sha256(path.read_bytes()).hexdigest()
-    manifest = {"generator": "common.ivif.demo", "version": GENERATOR_VERSION, "seed": seed, "files": digests}
-    (out / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    DATASET.write_manifest(out, seed, digests)
     return out
 
 
-def _manifest(root: Path) -> dict | None:
-    try:
-        manifest = json.loads((root / MANIFEST_NAME).read_text())
-    except (OSError, ValueError):
-        return None
-    return manifest if isinstance(manifest, dict) and manifest.get("generator") == "common.ivif.demo" else None
+DATASET = GeneratedDataset("common.ivif.demo", MANIFEST_NAME, GENERATOR_VERSION, demo_file_names, write_ivif_demo,
+                           "infrared/visible demo dataset")
 
 
 def is_complete(root: str | Path, seed: int) -> bool:
-    """Whether ``root`` holds a complete demo dataset of this generator version and seed."""
-    root = Path(root)
-    manifest = _manifest(root)
-    return (manifest is not None and manifest.get("seed") == seed and manifest.get("version") == GENERATOR_VERSION
-            and all((root / name).is_file() for name in demo_file_names()))
+    """Whether ``root`` holds the complete infrared/visible demo dataset of ``seed``."""
+    return DATASET.is_complete(root, seed)
 
 
 def ensure_ivif_demo(root: str | Path, seed: int = 0) -> Path:
-    """Return ``root`` holding the demo dataset for ``seed``, generating it first if absent or incomplete.
-
-    Generation writes into a temporary sibling folder and renames it to ``root`` when complete, so an
-    interrupted generation is never taken as complete, and concurrent callers (several processes) are safe.
-
-    Raises:
-        DataError: ``root`` holds other files, or a demo dataset of another seed or generator version.
-    """
-    root = Path(root)
-    if is_complete(root, seed):
-        return root
-    manifest = _manifest(root)
-    if manifest is not None and (manifest.get("seed") != seed or manifest.get("version") != GENERATOR_VERSION):
-        raise DataError(f"{root} holds the demo dataset for seed {manifest.get('seed')} (generator version "
-                        f"{manifest.get('version')}); choose another folder for seed {seed} or delete it")
-    if manifest is None and root.exists() and (not root.is_dir() or any(root.iterdir())):
-        raise DataError(f"{root} exists and is not a demo dataset folder; choose an empty or new folder")
-    return generate_folder(root, lambda target: write_ivif_demo(target, seed), lambda: is_complete(root, seed))
+    """``root`` holding the infrared/visible demo dataset of ``seed``, generated once (`GeneratedDataset.ensure`)."""
+    return DATASET.ensure(root, seed)
 
 
 @dataclass(frozen=True)
