@@ -103,7 +103,7 @@ def test_fred_sigterm_mid_epoch_saves_and_exits_75(fred_faulted):
     stopped = fred_faulted.stopped
     assert stopped.code == 75 and stopped.stop_seconds < 30, stopped.output[-3000:]
     line = one_line_stop(stopped.output, "preempted (SIGTERM)")
-    assert re.search(r"saved \S+last_epoch_weights\.pth at step 3;", line), line
+    assert re.search(r"preempted \(SIGTERM\) after step 3: saved \S+last_epoch_weights\.pth;", line), line
     rerun = fred_faulted.fuzz.attempts[0].output
     assert re.search(r"resumed from \S+last_epoch_weights\.pth at epoch 0, batch 3 ", rerun), rerun[-3000:]
 
