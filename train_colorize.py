@@ -42,8 +42,8 @@ from common.errors import DataError  # noqa: E402
 from common.lossdump import LossSeries  # noqa: E402
 from common.preempt import Preemption  # noqa: E402
 from common.resume import mark_complete, plan_resume, read_complete  # noqa: E402
-from common.run import (AcceleratorSettings, broadcast_from_main, check_amp_invariant, exit_on_user_error,  # noqa: E402
-                        parameter_fingerprints, seed_everything, start_accelerator)
+from common.run import (AcceleratorSettings, broadcast_from_main, check_amp_invariant, end_processes,  # noqa: E402
+                        exit_on_user_error, parameter_fingerprints, seed_everything, start_accelerator)
 from common.runfolder import RunFolder  # noqa: E402
 from common.schedules import apply_schedule  # noqa: E402
 from common.state import TrainState, compare_signature  # noqa: E402
@@ -276,7 +276,7 @@ def main(cfg: ColorizeConfig, notices: list[str], argv: list[str]) -> int:
         run.finish(outputs.result_files(run_dir, cfg.preset == "demo"), outputs.next_steps(cfg, run_dir))
     if cfg.run.prune_finished:
         run.remove(checkpoints.paths(), "finished (--prune-finished)")
-    accelerator.end_training()
+    end_processes(accelerator)
     return 0
 
 

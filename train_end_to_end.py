@@ -61,7 +61,8 @@ def train_kind(kind: RunKind, cfg: CrossFuseConfig, accelerator, console, run: R
     checkpoints = CheckpointManager(stages.checkpoint_dir(cfg, kind), kind, keep_last=cfg.run.keep_checkpoints,
                                     width=6)
     plan = plan_resume(stages.resume_value(cfg, kind), checkpoints.paths(), checkpoints.directory,
-                       overwrite=cfg.run.overwrite, outputs=stages.earlier_outputs(folder, kind), epochs=settings.epochs)
+                       overwrite=cfg.run.overwrite, outputs=stages.earlier_outputs(folder, kind),
+                       epochs=settings.epochs)
     if plan.record is not None:  # finished before: with the same model and data order only
         compare_signature(checkpoints.directory / "DONE.json", plan.record["signature"],
                           {**signature, "soft": {}}, cfg.run.resume_force, console.warn)

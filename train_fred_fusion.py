@@ -36,8 +36,8 @@ from common.freeze import apply_policy, set_train_mode, switch_stage  # noqa: E4
 from common.lossdump import LossSeries  # noqa: E402
 from common.preempt import Preemption  # noqa: E402
 from common.resume import mark_complete, plan_resume  # noqa: E402
-from common.run import (AcceleratorSettings, broadcast_from_main, check_amp_invariant, exit_on_user_error,  # noqa: E402
-                        seed_everything, start_accelerator)
+from common.run import (AcceleratorSettings, broadcast_from_main, check_amp_invariant, end_processes,  # noqa: E402
+                        exit_on_user_error, seed_everything, start_accelerator)
 from common.runfolder import RunFolder  # noqa: E402
 from common.schedules import apply_schedule, set_base_lrs  # noqa: E402
 from common.state import TrainState  # noqa: E402
@@ -236,7 +236,7 @@ def main(cfg: FredConfig, notices: list[str], argv: list[str]) -> int:
                                     "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
         run.finish(outputs.result_files(run_dir, log), outputs.next_steps(cfg, run_dir, end))
     accelerator.wait_for_everyone()
-    accelerator.end_training()
+    end_processes(accelerator)
     return 0
 
 

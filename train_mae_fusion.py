@@ -42,8 +42,8 @@ from common.ivif.demo import ensure_ivif_demo  # noqa: E402
 from common.lossdump import LossSeries, save_mat  # noqa: E402
 from common.preempt import Preemption  # noqa: E402
 from common.resume import mark_complete, plan_resume, read_complete  # noqa: E402
-from common.run import (AcceleratorSettings, check_amp_invariant, exit_on_user_error, parameter_fingerprints,  # noqa: E402
-                        seed_everything, start_accelerator)
+from common.run import (AcceleratorSettings, check_amp_invariant, end_processes, exit_on_user_error,  # noqa: E402
+                        parameter_fingerprints, seed_everything, start_accelerator)
 from common.runfolder import RunFolder  # noqa: E402
 from common.schedules import apply_schedule, set_base_lrs  # noqa: E402
 from common.state import TrainState, compare_signature  # noqa: E402
@@ -267,7 +267,7 @@ def main(cfg: TrainConfig, notices: list[str], argv: list[str]) -> int:
         run.finish(results, recipe.next_steps(cfg, final, fuse_data),
                    title=f"done in {time.perf_counter() - started:.1f}s")
     accelerator.wait_for_everyone()
-    accelerator.end_training()
+    end_processes(accelerator)
     return 0
 
 

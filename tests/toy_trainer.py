@@ -31,7 +31,8 @@ from common.freeze import FreezePolicy, apply_policy, switch_stage  # noqa: E402
 from common.lossdump import LossSeries, save_mat  # noqa: E402
 from common.preempt import Preemption  # noqa: E402
 from common.resume import RunOptions, plan_resume  # noqa: E402
-from common.run import AcceleratorSettings, exit_on_user_error, seed_everything, start_accelerator  # noqa: E402
+from common.run import (AcceleratorSettings, end_processes, exit_on_user_error, seed_everything,  # noqa: E402
+                        start_accelerator)
 from common.runfolder import RunFolder  # noqa: E402
 from common.schedules import Schedule, apply_schedule, set_base_lrs  # noqa: E402
 from common.state import TrainState  # noqa: E402
@@ -220,7 +221,7 @@ def main(cfg: ToyConfig, argv: list[str]) -> int:
     torch.save(final, cfg.run_dir / f"final_rank{accelerator.process_index}.pth")
     if accelerator.is_main_process:
         (cfg.run_dir / "losses.json").write_text(json.dumps(series.arrays()["loss"].tolist()))
-    accelerator.end_training()
+    end_processes(accelerator)
     return 0
 
 
