@@ -34,7 +34,7 @@ from PIL import Image
 from common.data import generate_folder
 from common.errors import DataError
 
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 META_NAME = "demo_meta.json"
 FPS = 30.0
 RGB_FRAME_PERIOD = 0.033333
@@ -409,14 +409,22 @@ def write_sequence(root: Path, index: int, params: DemoParams, profile: str, bac
 def sequence_plan(params: DemoParams) -> list[tuple[str, str]]:
     """(lighting profile, background) per sequence. Test sequences alternate day / dark-flicker (≥ 25 % dark
     frames); train alternates day / fade-to-dark, so it keeps dark segments whichever sequence becomes val while
-    most of its RGB frames stay bright (labelled drones that RGB cannot see slow the RGB detector down)."""
+    most of its RGB frames stay bright (labelled drones that RGB cannot see slow the RGB detector down).
+    Backgrounds cycle through train; test day sequence k takes the background of train sequence k (a day sequence
+    whenever train has k + 1 sequences), so the bright test frames show a scene RGB was trained on (the cycle used to give the test day
+    sequence the silhouettes, which train shows only fading to dark: an RGB detector then learned nothing there)."""
     n_train = params.num_sequences - params.test_sequences
     train_profiles = ("day", "fade_to_dark")
     test_profiles = ("day", "dark_flicker")
     plan = []
     for index in range(params.num_sequences):
-        profile = (train_profiles[index % 2] if index < n_train else test_profiles[(index - n_train) % 2])
-        plan.append((profile, BACKGROUNDS[index % len(BACKGROUNDS)]))
+        if index < n_train:
+            plan.append((train_profiles[index % 2], BACKGROUNDS[index % len(BACKGROUNDS)]))
+            continue
+        k = index - n_train
+        profile = test_profiles[k % 2]
+        background = BACKGROUNDS[k % len(BACKGROUNDS)] if profile == "day" else BACKGROUNDS[index % len(BACKGROUNDS)]
+        plan.append((profile, background))
     return plan
 
 

@@ -162,3 +162,17 @@ def test_full_demo_generates_within_20_seconds(tmp_path):
     assert time.process_time() - started <= 20.0
     assert meta["expected"]["all"]["rgb_frames"] == 6 * 96
     assert meta["dark_fraction"]["test"] >= 0.25 and meta["dark_fraction"]["train"] > 0.1
+
+
+def test_bright_test_scenes_are_scenes_trained_in_daylight():
+    """Every test day sequence shows a background that a train day sequence shows (gate 3 of the demo: with the
+    test day sequence on a background seen only fading to dark in train, the RGB detector learned nothing there)."""
+    from fred.demo_data import DemoParams, sequence_plan
+
+    for params in (DemoParams(), DemoParams(num_sequences=8, test_sequences=3)):
+        plan = sequence_plan(params)
+        n_train = params.num_sequences - params.test_sequences
+        train_day = {background for profile, background in plan[:n_train] if profile == "day"}
+        test = plan[n_train:]
+        assert {profile for profile, _ in test} == {"day", "dark_flicker"}
+        assert all(background in train_day for profile, background in test if profile == "day"), plan
