@@ -39,8 +39,8 @@ from common.ivif.demo import ensure_ivif_demo  # noqa: E402
 from common.lossdump import LossSeries, save_mat  # noqa: E402
 from common.preempt import Preemption  # noqa: E402
 from common.resume import mark_complete, plan_resume  # noqa: E402
-from common.run import (AcceleratorSettings, check_amp_invariant, exit_on_user_error, parameter_fingerprints,  # noqa: E402
-                        seed_everything, start_accelerator)
+from common.run import (AcceleratorSettings, check_amp_invariant, end_stage, exit_on_user_error,  # noqa: E402
+                        parameter_fingerprints, seed_everything, start_accelerator)
 from common.runfolder import RunFolder  # noqa: E402
 from common.schedules import apply_schedule, group_lr, set_base_lrs  # noqa: E402
 from common.state import TrainState, compare_signature  # noqa: E402
@@ -197,12 +197,7 @@ def train_kind(kind: RunKind, cfg: CrossFuseConfig, accelerator, console, run: R
         console.print(f"{kind}: finished {position.step} iterations; {checkpoints.directory / 'DONE.json'} written")
     if cfg.run.prune_finished:
         run.remove(checkpoints.paths(), f"{kind}: finished (--prune-finished)")
-    if cfg.tensorboard:
-        for tracker in accelerator.trackers:
-            tracker.finish()
-        accelerator.trackers = []
-    accelerator.wait_for_everyone()
-    accelerator.free_memory()
+    end_stage(accelerator)  # the next stage prepares its own model, optimizer and trackers
     return None
 
 

@@ -42,8 +42,8 @@ from common.ivif.demo import ensure_ivif_demo  # noqa: E402
 from common.lossdump import LossSeries, save_mat  # noqa: E402
 from common.preempt import Preemption  # noqa: E402
 from common.resume import mark_complete, plan_resume, read_complete  # noqa: E402
-from common.run import (AcceleratorSettings, check_amp_invariant, end_processes, exit_on_user_error,  # noqa: E402
-                        parameter_fingerprints, seed_everything, start_accelerator)
+from common.run import (AcceleratorSettings, check_amp_invariant, end_processes, end_stage,  # noqa: E402
+                        exit_on_user_error, parameter_fingerprints, seed_everything, start_accelerator)
 from common.runfolder import RunFolder  # noqa: E402
 from common.schedules import apply_schedule, set_base_lrs  # noqa: E402
 from common.state import TrainState, compare_signature  # noqa: E402
@@ -203,12 +203,7 @@ def train_stage(stage: Stage, previous: Stage | None, resume: str, cfg: TrainCon
                       f"{recipe.final_weights(stage)[1]}")
     if cfg.run.prune_finished:
         run.remove(checkpoints.paths(), f"{stage.label}: finished (--prune_finished)")
-    if cfg.tensorboard:
-        for tracker in accelerator.trackers:
-            tracker.finish()
-        accelerator.trackers = []
-    accelerator.wait_for_everyone()
-    accelerator.free_memory()  # the next stage prepares its own model and optimizer
+    end_stage(accelerator)  # the next stage prepares its own model, optimizer and trackers
     return None
 
 

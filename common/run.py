@@ -224,3 +224,13 @@ def end_processes(accelerator) -> None:
     """
     accelerator.wait_for_everyone()
     accelerator.end_training()
+
+
+def end_stage(accelerator) -> None:
+    """Between the stages of one process's run: close this stage's trackers (the next stage opens its own), wait for
+    every process and release the prepared models and optimizers."""
+    for tracker in accelerator.trackers:
+        tracker.finish()
+    accelerator.trackers = []
+    accelerator.wait_for_everyone()
+    accelerator.free_memory()
