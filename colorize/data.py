@@ -100,7 +100,7 @@ def find_sequences(roots: Sequence[str | Path], split: str = "all", min_frames: 
     origin: dict[str, Path] = {}
     for root in map(Path, roots):
         if not root.is_dir():
-            raise DataError(f"data root {root} does not exist")
+            raise DataError(f"data root {root} does not exist or is not a folder (check --data.dataset)")
         if detect_layout(root) == "davis":
             found = [_read_sequence(name, root / DAVIS_FRAMES / name) for name in _davis_names(root, split)]
         else:

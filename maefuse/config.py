@@ -17,7 +17,7 @@ from typing import Annotated, Literal, Sequence
 
 import tyro
 
-from common.errors import ConfigError
+from common.errors import ConfigError, DataError
 from common.presets import resolve_preset
 from common.resume import RunOptions
 from maefuse.model import FusionAttention, ModelSize, resolve_size
@@ -250,6 +250,8 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
                           "the recipe does not have); use --mixed_precision bf16 or no")
     if cfg.data_path is None:
         raise ConfigError("no training data: pass --data_path DIR (or --preset demo for the generated dataset)")
+    if not cfg.uses_demo_data and not cfg.data_path.exists():  # a wrong path first, before any weights question
+        raise DataError(f"data folder not found: {cfg.data_path} (check --data_path)")
     for name, value in (("--batch_size", cfg.batch_size), ("--log_every", cfg.log_every), ("--lr", cfg.lr)):
         if value <= 0:
             raise ConfigError(f"{name} must be positive, got {value}")

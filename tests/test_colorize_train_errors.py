@@ -57,7 +57,8 @@ def run_args(root, out, *extra: str) -> list[str]:
 def test_missing_and_empty_dataset_roots(refused, tmp_path):
     out = tmp_path / "run"
     message = refused(*run_args(tmp_path / "nowhere", out))
-    assert message == f"error: data root {tmp_path / 'nowhere'} does not exist"
+    assert message == (f"error: data root {tmp_path / 'nowhere'} does not exist or is not a folder "
+                       "(check --data.dataset)")
     (tmp_path / "empty").mkdir()
     message = refused(*run_args(tmp_path / "empty", out))
     assert str(tmp_path / "empty") in message and "holds no video sequence" in message

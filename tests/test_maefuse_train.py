@@ -183,6 +183,9 @@ def test_bad_data_is_refused_with_one_line(chained, tmp_path):
     for name, folder in folders.items():
         line = expect_refusal(chained["out"], "--data_path", str(folder), *base)
         assert expected[name] in line, line
+    # a wrong path is named before any question about weights (the default mode needs a decoder)
+    line = expect_refusal(chained["out"], "--data_path", str(folders["missing"]), "--model_size", "tiny", *SMALL_RUN)
+    assert "data folder not found" in line and "--data_path" in line, line
 
 
 def test_wrong_truncated_and_missing_weights_are_refused(chained, weight_files):
