@@ -34,7 +34,7 @@ from PIL import Image
 from common.data import generate_folder
 from common.errors import DataError
 
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 4
 META_NAME = "demo_meta.json"
 FPS = 30.0
 RGB_FRAME_PERIOD = 0.033333
@@ -408,18 +408,21 @@ def write_sequence(root: Path, index: int, params: DemoParams, profile: str, bac
 
 def sequence_plan(params: DemoParams) -> list[tuple[str, str]]:
     """(lighting profile, background) per sequence. Test sequences alternate day / dark-flicker (≥ 25 % dark
-    frames); train alternates day / fade-to-dark, so it keeps dark segments whichever sequence becomes val while
-    most of its RGB frames stay bright (labelled drones that RGB cannot see slow the RGB detector down).
-    Backgrounds cycle through train; test day sequence k takes the background of train sequence k (a day sequence
-    whenever train has k + 1 sequences), so the bright test frames show a scene RGB was trained on (the cycle used to give the test day
-    sequence the silhouettes, which train shows only fading to dark: an RGB detector then learned nothing there)."""
+    frames). Train is in daylight except every fourth sequence from the second, which fades to dark (train keeps
+    dark segments); backgrounds cycle. Test day sequence k takes the background of train sequence k, so the bright
+    test frames show a scene RGB was trained on in daylight.
+
+    Why (measured, RGB-only demo, seeds 0/1/2, test bright AP50): with train alternating day / fade and the test day
+    sequence on the silhouettes (seen in train only while fading), 0.055/0.001/0.001; test day on a trained
+    background, 0.50/0.00/0.00; with three of four train sequences in daylight, 0.84/0.63/0.00. An RGB detector from
+    random initialisation needs enough daylight frames of the scene to learn where the drones are."""
     n_train = params.num_sequences - params.test_sequences
-    train_profiles = ("day", "fade_to_dark")
     test_profiles = ("day", "dark_flicker")
     plan = []
     for index in range(params.num_sequences):
         if index < n_train:
-            plan.append((train_profiles[index % 2], BACKGROUNDS[index % len(BACKGROUNDS)]))
+            profile = "fade_to_dark" if index % 4 == 1 else "day"
+            plan.append((profile, BACKGROUNDS[index % len(BACKGROUNDS)]))
             continue
         k = index - n_train
         profile = test_profiles[k % 2]
