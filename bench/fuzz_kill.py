@@ -143,12 +143,14 @@ FRED_VOLATILE = {"config", "log_subdir"}  # the output folder and the log folder
 
 def fred_arguments(data: Path, annotations: Path, epochs: int) -> Callable[[Path], list[str]]:
     """The 20-frame demo at 64x64 of the FRED tests (7 steps per epoch), the switch after epoch 1, a full state
-    and an `ep%03d` export every epoch, mAP every 2 epochs, a mid-epoch checkpoint every 3 steps."""
+    and an `ep%03d` export every epoch, mAP every 2 epochs, a mid-epoch checkpoint every 3 steps; mosaic and mixup
+    on (the paper's .5/.5; the demo preset turns them off) so a resume must also restore the augmentation draws."""
     def arguments(out: Path) -> list[str]:
         return ["--demo-root", str(data), "--demo-frames", "20", "--annotation-dir", str(annotations),
                 "--input-shape", "64", "64", "--freeze-batch-size", "8", "--unfreeze-batch-size", "8",
                 "--eval-batch-size", "32", "--epochs", str(epochs), "--freeze-epoch", "1", "--save-period", "1",
-                "--eval-period", "2", "--checkpoint-every", "3", "--save-dir", str(out)]
+                "--eval-period", "2", "--checkpoint-every", "3", "--mosaic", "0.5", "--mixup", "0.5",
+                "--save-dir", str(out)]
     return arguments
 
 

@@ -59,7 +59,7 @@ def test_layout_names_and_coordinates(small_demo):
             times.add(match.group(1))
             assert match.group(7) in DRONE_MODELS
             x1, y1, x2, y2 = (float(match.group(k)) for k in range(2, 6))
-            assert 10 <= x2 - x1 <= 20.1  # drone span 10-20 px
+            assert 20 <= x2 - x1 <= 30.1  # drone span 20-30 px
         assert times <= {repr(rgb_time(i)) for i in range(20)}  # shortest decimal form of the index rule
     assert missing == 2
 

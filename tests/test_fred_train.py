@@ -39,11 +39,12 @@ def small_demo(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def base_args(small_demo, tmp_path_factory) -> list[str]:
-    """Demo preset on the session demo, shrunk: 64² input, batch 8 (7 steps per epoch)."""
+    """Demo preset on the session demo, shrunk: 64² input, batch 8 (7 steps per epoch), with the paper's mosaic and
+    mixup (.5/.5, off in the demo preset) so exact resume covers the augmentation draws too."""
     annotations = tmp_path_factory.mktemp("fred_train_annotations")
     return ["--demo-root", str(small_demo), "--demo-frames", "20", "--annotation-dir", str(annotations),
             "--input-shape", "64", "64", "--freeze-batch-size", "8", "--unfreeze-batch-size", "8",
-            "--eval-batch-size", "32"]
+            "--eval-batch-size", "32", "--mosaic", "0.5", "--mixup", "0.5"]
 
 
 def train(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -253,3 +254,21 @@ def test_fp16_on_cpu_downgraded_and_skip_freeze_never_freezes(base_args, tmp_pat
     seed_everything(0)
     initial = build_model("dual", "n", 1, fusion_mode="concat", compression_ratio=0.5).state_dict()
     assert not same(parameters_of(initial, "backbone_rgb."), parameters_of(trained["model"], "backbone_rgb."))
+
+
+def test_demo_preset_per_modality_and_flags_win():
+    """The demo preset: 15 epochs for the dual model, 25 for a single stream (half the cost per step, same ~3
+    minutes), mosaic and mixup off; the paper preset keeps .5/.5 and 300 epochs; an explicit flag always wins."""
+    from fred.config import resolve_config
+
+    dual, notices = resolve_config([])
+    rgb, _ = resolve_config(["--modality", "rgb"])
+    event, _ = resolve_config(["--modality", "event"])
+    assert (dual.preset, dual.epochs, dual.mosaic, dual.mixup) == ("demo", 15, 0.0, 0.0)
+    assert (rgb.epochs, event.epochs, rgb.mosaic) == (25, 25, 0.0)
+    assert any("15 epochs" in n for n in notices)
+    assert any("25 epochs" in n for n in resolve_config(["--modality", "rgb"])[1])
+    flagged, _ = resolve_config(["--modality", "rgb", "--epochs", "3", "--mosaic", "0.5"])
+    assert (flagged.epochs, flagged.mosaic) == (3, 0.5)
+    paper, _ = resolve_config(["--fred-root", "somewhere"])
+    assert (paper.preset, paper.epochs, paper.mosaic, paper.mixup) == ("paper", 300, 0.5, 0.5)
