@@ -283,6 +283,7 @@ def check_quick_test(weights: Path, ema_model: torch.nn.Module, val_loader, cfg:
 
 SAMPLE_FRAMES = 6
 SAMPLE_CONF = 0.25  # a briefly trained model (the demo) rarely scores 0.5, predict's default
+SAMPLE_FLOOR = 0.05  # below SAMPLE_CONF a frame still shows its best detection down to this score
 
 
 def write_run_files(log: RunLog, cfg: FredConfig, report: dict | None) -> None:
@@ -292,11 +293,19 @@ def write_run_files(log: RunLog, cfg: FredConfig, report: dict | None) -> None:
         ckpt.atomic_write_json(log.path / "load_report.json", report or {"file": None, "init": "random"})
 
 
+def shown_detections(found: np.ndarray, conf: float) -> np.ndarray:
+    """The rows ``[x1, y1, x2, y2, score, label]`` of ``found`` scoring >= ``conf``; without any, the best one."""
+    sure = found[found[:, 4] >= conf]
+    return sure if len(sure) or not len(found) else found[found[:, 4].argmax()][None]
+
+
 @torch.no_grad()
 def detection_grid(path: Path, model: torch.nn.Module, dataset, modality: str, input_shape, device,
                    count: int = SAMPLE_FRAMES, conf: float = SAMPLE_CONF) -> Path:
     """A PNG of ``count`` frames spread over ``dataset`` (an evaluation set): RGB | Event, detections of ``model``
-    (score >= ``conf``) in yellow, ground truth in green."""
+    (score >= ``conf``; a frame without one shows its best detection scoring >= ``SAMPLE_FLOOR``, so the demo's dark
+    frames, where the dual model finds the drones at scores .14-.22, are not drawn empty) in yellow with their
+    scores, ground truth in green."""
     from common.plots import save_image_grid
     from fred.dataset import collate, load_frame
     from fred.decode import detect
@@ -311,7 +320,8 @@ def detection_grid(path: Path, model: torch.nn.Module, dataset, modality: str, i
         batch = {key: value.to(device) if isinstance(value, torch.Tensor) else value
                  for key, value in collate([dataset[index]]).items()}
         found = detect(model_outputs(model, batch, modality), input_shape, [(entry.height, entry.width)],
-                       conf_thres=conf)[0].cpu().numpy()
+                       conf_thres=min(conf, SAMPLE_FLOOR))[0].cpu().numpy()
+        found = shown_detections(found, conf)
         panels = []
         for frame in (entry.rgb_path, entry.event_path):
             image = load_frame(frame, size) if frame is not None and frame.is_file() else Image.new("RGB", size)

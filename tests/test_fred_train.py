@@ -272,3 +272,15 @@ def test_demo_preset_per_modality_and_flags_win():
     assert (flagged.epochs, flagged.mosaic) == (3, 0.5)
     paper, _ = resolve_config(["--fred-root", "somewhere"])
     assert (paper.preset, paper.epochs, paper.mosaic, paper.mixup) == ("paper", 300, 0.5, 0.5)
+
+
+def test_sample_grid_shows_each_frames_best_guess_below_the_threshold():
+    """The detection grid draws boxes scoring >= .25; a frame without one shows its single best detection (the
+    demo's dark frames score .14-.22 where the dual model finds the drones), and an empty frame stays empty."""
+    from fred.outputs import shown_detections
+
+    rows = np.array([[0, 0, 4, 4, 0.12, 0], [1, 1, 5, 5, 0.2, 0], [2, 2, 6, 6, 0.07, 0]], dtype=np.float32)
+    assert shown_detections(rows, 0.25).tolist() == [rows[1].tolist()]
+    confident = np.vstack([rows, [[3, 3, 7, 7, 0.6, 0], [4, 4, 8, 8, 0.3, 0]]]).astype(np.float32)
+    assert shown_detections(confident, 0.25)[:, 4].tolist() == pytest.approx([0.6, 0.3])
+    assert shown_detections(np.zeros((0, 6), np.float32), 0.25).shape == (0, 6)
