@@ -39,8 +39,8 @@ from common.ivif.demo import ensure_ivif_demo  # noqa: E402
 from common.lossdump import LossSeries, save_mat  # noqa: E402
 from common.preempt import Preemption  # noqa: E402
 from common.resume import mark_complete, plan_resume  # noqa: E402
-from common.run import (AcceleratorSettings, check_amp_invariant, end_stage, exit_on_user_error,  # noqa: E402
-                        parameter_fingerprints, seed_everything, start_accelerator)
+from common.run import (AcceleratorSettings, check_amp_invariant, end_processes, end_stage,  # noqa: E402
+                        exit_on_user_error, parameter_fingerprints, seed_everything, start_accelerator)
 from common.runfolder import RunFolder  # noqa: E402
 from common.schedules import apply_schedule, group_lr, set_base_lrs  # noqa: E402
 from common.state import TrainState, compare_signature  # noqa: E402
@@ -248,6 +248,7 @@ def main(cfg: CrossFuseConfig, notices: list[str], argv: list[str]) -> int:
     console.print(f"done in {time.perf_counter() - started:.1f}s")
     if accelerator.is_main_process and results.get("files"):
         run.finish(results["files"], results.get("next", []))
+    end_processes(accelerator)
     return 0
 
 

@@ -90,6 +90,10 @@ class Preemption:
     def halt(self, console, label: str, saved, *, stopped: bool, at: str, flag: str = "--stop-after") -> int:
         """End a training loop early, after its state was saved: the one line a user sees and the exit code.
 
+        Then every process waits for the others and the trackers and process group close
+        (``common.run.end_processes``), as at the end of a finished run: a rank returning without it once left its
+        peer to abort at exit ("terminate called without an active exception", a 2-process --stop-after run).
+
         Args:
             console: the run's console (its progress display is closed first).
             label: what stopped (the run kind or stage), the line's prefix.
@@ -101,6 +105,9 @@ class Preemption:
         console.stop()
         reason = f"stopped after {at} ({flag})" if stopped else f"preempted ({self.signal_name}) after {at}"
         console.print(f"{label}: {reason}: saved {saved}; run the same command again to continue")
+        if self.accelerator is not None:
+            from common.run import end_processes
+            end_processes(self.accelerator)
         return 0 if stopped else self.exit_code
 
     def raise_if_requested(self) -> None:

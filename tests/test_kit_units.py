@@ -382,3 +382,30 @@ def test_fused_momentum_sgd_survives_an_unfreeze_and_equals_plain_sgd():
 
     fused, plain = run(True), run(False)
     assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(fused, plain))
+
+
+def test_halt_waits_for_every_process_and_closes_the_group():
+    """A loop ended by --stop-after or a signal closes the processes the way a finished run does: every rank waits
+    for the others, then the trackers and the process group close (a rank returning without it once left its peer
+    to abort at exit, "terminate called without an active exception", in a 2-process --stop-after run)."""
+    from common.preempt import Preemption
+
+    class Console:
+        def stop(self):
+            calls.append("console.stop")
+
+        def print(self, line):
+            calls.append(line)
+
+    class Accelerator:
+        def wait_for_everyone(self):
+            calls.append("wait")
+
+        def end_training(self):
+            calls.append("end")
+
+    calls = []
+    code = Preemption(Accelerator()).halt(Console(), "toy", "s.pth", stopped=True, at="step 3")
+    assert code == 0
+    assert calls == ["console.stop", "toy: stopped after step 3 (--stop-after): saved s.pth; run the same command "
+                     "again to continue", "wait", "end"]
