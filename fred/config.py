@@ -189,7 +189,8 @@ PAPER = FredConfig(preset="paper")
 # - mosaic/mixup off: a 128 px mosaic tile shrinks a drone to a few pixels, and from random initialisation a
 #   detector fed them early (even with mosaic only in the first 30 % of the epochs) could settle into an objectness
 #   map that ignores its input (every image the same scores, AP50 0 after 15, 20 and 25 epochs, seed 2 of demo data
-#   version 4 and seed 1 of version 5); without them the same seeds learn (RGB bright AP50 .82, .90).
+#   version 4 and seed 1 of version 5); without them the same seeds learn (RGB test bright AP50 .82 for the first
+#   at 15 epochs, .90 for the second at 25). BENCHMARKS.md "FRED" has every variant measured.
 DEMO = dataclasses.replace(
     FredConfig(), preset="demo", phi="n", input_shape=(128, 128), freeze_epoch=1, epochs=15, freeze_batch_size=16,
     unfreeze_batch_size=16, optimizer="adam", weight_decay=0.0, init_lr=1e-3, min_lr=1e-5, nbs=16, mosaic=0.0,
